@@ -1,0 +1,166 @@
+"""Oracles: where feedback comes from.
+
+Two kinds, one small interface each, both batched:
+
+- a `RewardOracle` scores responses: `score(prompts, responses) -> (N,)` float tensor;
+- a `PreferenceOracle` compares two responses to the same prompt:
+  `preference(prompts, responses_a, responses_b) -> (N,)` probabilities that A beats B.
+
+Every oracle's output goes through `check_scores`, so a NaN, an infinity or a wrong count
+fails loudly with the oracle's name and the offending example instead of poisoning training.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+class OracleError(ValueError):
+    """An oracle returned something unusable (wrong count, NaN, infinity, out of range)."""
+
+
+def check_scores(
+    name: str,
+    scores,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    low: float | None = None,
+    high: float | None = None,
+) -> torch.Tensor:
+    """Return `scores` as a float64 (N,) tensor, or raise `OracleError` naming the oracle and example."""
+    scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    if scores.numel() != len(responses):
+        raise OracleError(
+            f"oracle {name!r} returned {scores.numel()} scores for {len(responses)} responses"
+        )
+    bad = ~torch.isfinite(scores)
+    if low is not None:
+        bad |= scores < low
+    if high is not None:
+        bad |= scores > high
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise OracleError(
+            f"oracle {name!r} returned {scores[i].item()} for example {i} "
+            f"(prompt={prompts[i]!r}, response={responses[i]!r})"
+            + ("" if low is None else f"; expected a value in [{low}, {high}]")
+        )
+    return scores
+
+
+class RewardOracle:
+    """Scores (prompt, response) pairs. Subclasses implement `_score`."""
+
+    name = "reward"
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """(N,) float64 rewards, validated."""
+        if len(prompts) != len(responses):
+            raise OracleError(f"oracle {self.name!r}: {len(prompts)} prompts but {len(responses)} responses")
+        return check_scores(self.name, self._score(list(prompts), list(responses)), prompts, responses)
+
+    def _score(self, prompts: list[str], responses: list[str]):
+        raise NotImplementedError
+
+
+class PreferenceOracle:
+    """Gives P(response A beats response B | prompt). Subclasses implement `_preference`."""
+
+    name = "preference"
+
+    def preference(
+        self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]
+    ) -> torch.Tensor:
+        """(N,) float64 probabilities in [0, 1], validated."""
+        if not len(prompts) == len(responses_a) == len(responses_b):
+            raise OracleError(
+                f"oracle {self.name!r}: {len(prompts)} prompts, {len(responses_a)} A responses, "
+                f"{len(responses_b)} B responses"
+            )
+        probs = self._preference(list(prompts), list(responses_a), list(responses_b))
+        return check_scores(self.name, probs, prompts, responses_a, low=0.0, high=1.0)
+
+    def _preference(self, prompts: list[str], responses_a: list[str], responses_b: list[str]):
+        raise NotImplementedError
+
+
+class CallableReward(RewardOracle):
+    """A Python function as a reward: `fn(prompts, responses) -> list/tensor of N floats`."""
+
+    def __init__(self, fn: Callable, name: str | None = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "callable")
+
+    def _score(self, prompts, responses):
+        return self.fn(prompts, responses)
+
+
+class BradleyTerryPreference(PreferenceOracle):
+    """Bradley-Terry preferences from a reward: P(A > B) = sigmoid((r(A) - r(B)) / temperature)."""
+
+    def __init__(self, reward: RewardOracle, temperature: float = 1.0):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.reward = reward
+        self.temperature = temperature
+        self.name = f"bradley_terry({reward.name})"
+
+    def _preference(self, prompts, responses_a, responses_b):
+        ra = self.reward.score(prompts, responses_a)
+        rb = self.reward.score(prompts, responses_b)
+        return torch.sigmoid((ra - rb) / self.temperature)
+
+
+def sample_preference_labels(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw labels 1 (A wins) / 0 (B wins) from preference probabilities. (N,) -> (N,) long."""
+    return torch.bernoulli(probs.to(torch.float64), generator=generator).long()
+
+
+class RewardModelOracle(RewardOracle):
+    """An `AutoModelForSequenceClassification` with one output scoring prompt + response text.
+
+    Conversational prompts (lists of messages) are rendered with the reward tokenizer's chat
+    template with the response as the assistant turn; string prompts are concatenated.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None, name: str = "reward_model"):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_length, self.name = batch_size, max_length, name
+
+    def _text(self, prompt, response: str) -> str:
+        if isinstance(prompt, str):
+            return prompt + response
+        messages = [*prompt, {"role": "assistant", "content": response}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+
+    @torch.no_grad()
+    def _score(self, prompts, responses):
+        texts = [self._text(p, r) for p, r in zip(prompts, responses)]
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+            ).to(device)
+            scores.append(self.model(**enc).logits[:, 0].float().cpu())  # (b,)
+        return torch.cat(scores)
+
+
+def build_reward_oracle(reward_fn: str | None = None, reward_model_path: str | None = None, **load_kwargs) -> RewardOracle:
+    """The reward oracle a config names: a function from `klalign.rewards`, or a reward-model folder."""
+    if (reward_fn is None) == (reward_model_path is None):
+        raise ValueError("set exactly one of reward_fn and reward_model_path")
+    if reward_fn is not None:
+        from klalign.rewards import get_reward_function
+
+        return CallableReward(get_reward_function(reward_fn), name=reward_fn)
+    from klalign.models import load_reward_model
+
+    model, tokenizer = load_reward_model(reward_model_path, **load_kwargs)
+    return RewardModelOracle(model, tokenizer, name=f"reward_model({reward_model_path})")

@@ -1,0 +1,135 @@
+"""Offline reverse-KL DPO, RSO and IPO: a drop-in `trl.DPOTrainer` (ALGORITHMS.md section 2).
+
+`klalign.DPOTrainer` takes the same constructor arguments as `trl.DPOTrainer` and keeps its data
+preparation, reference handling (explicit model, disabled LoRA adapter, or precomputed
+log-probs) and distributed plumbing. What it replaces is the part the papers define: sequence
+log-probs (`klalign.logprobs`), the loss (`klalign.losses`, one function per `loss_type`) and the
+logged metrics. On the same model, reference, data and `beta`, its loss equals TRL's (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import trl
+from accelerate.utils import is_peft_model
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from klalign.logprobs import sequence_logprobs
+from klalign.losses import PREFERENCE_LOSSES, get_preference_loss
+
+
+@dataclass
+class DPOConfig(trl.DPOConfig):
+    """`trl.DPOConfig` restricted to the reverse-KL losses klalign implements.
+
+    `loss_type` selects one of sigmoid (DPO; RSO's sigmoid-norm), hinge (RSO), sigmoid_norm
+    (TRL's length-normalised DPO) or ipo. `bf16` defaults to what the machine supports.
+    """
+
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={"help": f"Preference loss, one of {sorted(PREFERENCE_LOSSES)}."},
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "Train in bfloat16 mixed precision; default: on when a bf16 GPU is present."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if len(loss_types) != 1:
+            raise ValueError(f"loss_type takes one loss in klalign, got {loss_types}")
+        get_preference_loss(loss_types[0])
+        if self.f_divergence_type != "reverse_kl":
+            raise ValueError(f"klalign's DPOTrainer is reverse-KL only; got f_divergence_type={self.f_divergence_type!r}")
+        unsupported = {
+            "ld_alpha": None, "use_weighting": False, "loss_weights": None, "sync_ref_model": False, "label_smoothing": 0.0
+        }
+        for name, default in unsupported.items():
+            if getattr(self, name) != default:
+                raise ValueError(f"{name}={getattr(self, name)!r} is a trl.DPOTrainer option klalign does not support")
+        super().__post_init__()
+        self.loss_type = loss_types[0]
+
+
+class DPOTrainer(trl.DPOTrainer):
+    """DPO / RSO / IPO trainer with `trl.DPOTrainer`'s constructor (model, ref_model, args, ...).
+
+    Batches hold the chosen rows then the rejected rows, `(2B, T)`, as TRL's collator builds them.
+    """
+
+    _tag_names = ["trl", "dpo", "klalign"]
+
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *pargs, **kwargs):
+        if args is None:
+            args = DPOConfig(output_dir="klalign-dpo")
+        elif not isinstance(args, DPOConfig):
+            raise TypeError(f"args must be a klalign.DPOConfig, got {type(args).__name__}")
+        self.preference_loss = get_preference_loss(args.loss_type)
+        super().__init__(model, ref_model, args, *pargs, **kwargs)
+
+    def _reference_context(self):
+        """With LoRA and no reference model, the reference is the policy with its adapter disabled."""
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def _split_inputs(inputs):
+        return inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference `s(y)` for one batch: ((B,), (B,)) for chosen and rejected."""
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference_context(),
+            self.accelerator.autocast(),
+        ):
+            ref_logps = sequence_logprobs(model, *self._split_inputs(inputs))
+        return ref_logps.chunk(2, dim=0)
+
+    def _reference_logprobs(self, inputs):
+        if self.precompute_ref_logps:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        return self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        logps = sequence_logprobs(model, *self._split_inputs(inputs))  # (2B,)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # (B,) each
+        ref_chosen_logps, ref_rejected_logps = self._reference_logprobs(inputs)
+        chosen_logratios = chosen_logps - ref_chosen_logps
+        rejected_logratios = rejected_logps - ref_rejected_logps
+        # TRL's collator marks the completion from its first token; the shifted mask counts them.
+        lengths = inputs["completion_mask"][:, 1:].sum(dim=1).to(logps.dtype)
+        chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
+        per_pair = self.preference_loss(
+            chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths, self.beta
+        )
+        loss = per_pair.mean()
+        self._log_pair_metrics(mode, chosen_logratios, rejected_logratios, chosen_logps, rejected_logps)
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            return loss, outputs
+        return loss
+
+    def _log_pair_metrics(self, mode, chosen_logratios, rejected_logratios, chosen_logps, rejected_logps):
+        """Implicit rewards beta * log-ratio, their margin and preference accuracy (DPO paper, section 5)."""
+        gather = self.accelerator.gather_for_metrics
+        chosen_rewards = gather(self.beta * chosen_logratios.detach())
+        rejected_rewards = gather(self.beta * rejected_logratios.detach())
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(chosen_rewards.mean().item())
+        metrics["rewards/rejected"].append(rejected_rewards.mean().item())
+        metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
+        metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
+        metrics["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())

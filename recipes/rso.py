@@ -1,0 +1,82 @@
+"""RSO: statistical rejection sampling from the reference, then hinge (or sigmoid) preference training.
+
+    accelerate launch recipes/rso.py --config configs/tiny/rso.yaml
+    accelerate launch recipes/rso.py --config configs/tiny/rso.yaml --sampling_beta 0.25 --num_candidates 32
+
+Liu et al. 2024 (ALGORITHMS.md section 2): candidates from pi_ref are kept with probability
+exp((r - r_max) / beta), so the kept ones follow pi_ref * exp(r / beta); pairs of kept responses are
+labelled by the reward and written to disk; then the policy is trained on them with klalign's
+DPOTrainer (loss_type hinge is RSO's; sigmoid is its sigmoid-norm).
+"""
+
+from pathlib import Path
+
+from klalign import (
+    DPOConfig,
+    DPOTrainer,
+    GenerationArguments,
+    ModelArguments,
+    RejectionSamplingArguments,
+    build_rso_dataset,
+    load_causal_lm,
+    load_policy_and_reference,
+    load_preference_dataset,
+    load_prompt_dataset,
+    load_tokenizer,
+    lora_config,
+    parse_config,
+    resume_checkpoint,
+    write_summary,
+)
+from klalign.oracles import build_reward_oracle
+
+
+def main():
+    model_args, rso_args, generation_args, training_args = parse_config(
+        ModelArguments, RejectionSamplingArguments, GenerationArguments, DPOConfig
+    )
+    pairs_path = Path(rso_args.rso_dataset_path or Path(training_args.output_dir) / "rso_pairs.jsonl")
+
+    # 1. Prompts and the reward first: bad input fails before any model is loaded.
+    prompts = load_prompt_dataset(rso_args.prompt_dataset_path)["prompt"]
+    oracle = build_reward_oracle(rso_args.reward_fn, rso_args.reward_model_path, cache_dir=model_args.cache_dir)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code, model_args.cache_dir)
+
+    # 2. Rejection sampling from the reference (the initial policy); pairs are appended as they come.
+    sampler = load_causal_lm(
+        model_args.ref_model_name_or_path or model_args.model_name_or_path,
+        dtype=model_args.dtype,
+        trust_remote_code=training_args.trust_remote_code,
+        adapter_path=None if model_args.ref_model_name_or_path else model_args.adapter_path,
+        trainable=False,
+        cache_dir=model_args.cache_dir,
+    )
+    stats = build_rso_dataset(sampler, tokenizer, prompts, oracle, pairs_path, rso_args, generation_args)
+    del sampler
+
+    # 3. Preference training on the pairs.
+    train_dataset = load_preference_dataset(pairs_path, tokenizer=tokenizer, max_length=training_args.max_length)
+    policy, reference = load_policy_and_reference(model_args, training_args.trust_remote_code)
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        metrics = {**stats, "pairs_in_file": len(train_dataset),
+                   "train_loss": trainer.state.log_history[-1].get("train_loss")}
+        write_summary(
+            training_args.output_dir,
+            f"RSO ({training_args.loss_type}, sampling_beta={rso_args.sampling_beta})",
+            metrics,
+            {"model": training_args.output_dir, "pairs": str(pairs_path)},
+        )
+
+
+if __name__ == "__main__":
+    main()
