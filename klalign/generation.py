@@ -2,8 +2,11 @@
 
 Prompts are strings (used as they are) or conversations (rendered with the tokenizer's chat
 template and its generation prompt). Works on a plain model, a PEFT model, and a model wrapped by
-accelerate for DDP or DeepSpeed (ZeRO-3 parameters are gathered for the duration of the call,
-as TRL's `unwrap_model_for_generation` does).
+accelerate for DDP or DeepSpeed (ZeRO-3 parameters are gathered for the duration of the call, as
+TRL's `unwrap_model_for_generation` does).
+
+`sample_completions` keeps the token ids it generated, so log-probs are computed on exactly the
+sampled tokens (decoding then re-encoding text can change them).
 """
 
 from __future__ import annotations
@@ -33,6 +36,16 @@ class GenerationArguments:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+@dataclass
+class Completion:
+    """One sampled response: the prompt as given, its token ids, the response's ids and text."""
+
+    prompt: object  # str or list of messages
+    prompt_ids: list[int]
+    completion_ids: list[int]  # the sampled tokens, EOS included when generated, no padding
+    text: str  # decoded without special tokens
+
+
 def render_prompts(tokenizer, prompts: list) -> list[str]:
     """Conversations through the chat template (with the generation prompt); strings unchanged."""
     return [
@@ -50,45 +63,65 @@ def _gathered_for_generation(model, accelerator):
     return unwrap_model_for_generation(model, accelerator)
 
 
+def _strip(ids: list[int], pad_id: int, eos_id: int) -> list[int]:
+    """Cut a generated row after its first EOS (kept) and drop padding."""
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id) + 1]
+    return [t for t in ids if t != pad_id or t == eos_id]
+
+
 @torch.no_grad()
-def generate_responses(
+def sample_completions(
     model,
     tokenizer,
     prompts: list,
     num_samples: int = 1,
     args: GenerationArguments | None = None,
-    generator_seed: int | None = None,
+    seed: int | None = None,
     accelerator=None,
     progress: bool = True,
-) -> list[list[str]]:
-    """`num_samples` sampled responses for each prompt: a list (one per prompt) of lists of strings.
-
-    The special tokens (EOS, padding) are stripped; a response stops at EOS or `max_new_tokens`.
-    """
+) -> list[list[Completion]]:
+    """`num_samples` sampled completions for each prompt: one list per prompt, in prompt order."""
     args = args or GenerationArguments()
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     texts = render_prompts(tokenizer, prompts)
-    flat = [t for t in texts for _ in range(num_samples)]  # prompt i's samples are contiguous
-    outputs: list[str] = []
+    flat = [(p, t) for p, t in zip(prompts, texts) for _ in range(num_samples)]  # a prompt's samples are contiguous
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    done: list[Completion] = []
     with _gathered_for_generation(model, accelerator) as unwrapped:
         was_training = unwrapped.training
         unwrapped.eval()
         device = next(unwrapped.parameters()).device
-        batches = range(0, len(flat), args.generation_batch_size)
-        for start in tqdm(batches, desc="generating", disable=not progress, leave=False):
+        starts = range(0, len(flat), args.generation_batch_size)
+        for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
             chunk = flat[start : start + args.generation_batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = tokenizer([t for _, t in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
             out = unwrapped.generate(
-                **enc,
+                **enc.to(device),
                 do_sample=True,
                 temperature=args.temperature,
                 top_p=args.top_p,
+                top_k=0,
                 max_new_tokens=args.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
                 use_cache=True,
-            )  # (b, prompt_len + new)
-            outputs += tokenizer.batch_decode(out[:, enc["input_ids"].size(1) :], skip_special_tokens=True)
+            )  # (b, prompt_len + new), prompts left-padded
+            new = out[:, enc["input_ids"].size(1) :].tolist()
+            for (prompt, _), row, mask, ids in zip(chunk, enc["input_ids"].tolist(), enc["attention_mask"].tolist(), new):
+                prompt_ids = [t for t, m in zip(row, mask) if m]
+                completion_ids = _strip(ids, pad_id, eos_id)
+                text = tokenizer.decode(completion_ids, skip_special_tokens=True)
+                done.append(Completion(prompt, prompt_ids, completion_ids, text))
         unwrapped.train(was_training)
-    return [outputs[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+    return [done[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def generate_responses(
+    model, tokenizer, prompts: list, num_samples: int = 1, args: GenerationArguments | None = None,
+    generator_seed: int | None = None, accelerator=None, progress: bool = True,
+) -> list[list[str]]:
+    """Like `sample_completions`, text only: a list (one per prompt) of `num_samples` strings."""
+    samples = sample_completions(model, tokenizer, prompts, num_samples, args, generator_seed, accelerator, progress)
+    return [[c.text for c in per_prompt] for per_prompt in samples]

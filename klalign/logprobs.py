@@ -10,6 +10,26 @@ from __future__ import annotations
 import torch
 
 
+def completion_batch(
+    prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int, device=None
+) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask`, `completion_mask`, each (B, T), from token-id lists.
+
+    The same layout as TRL's preference collator, so `token_logprobs` reads either.
+    """
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[i, : len(p) + len(c)] = 1
+        completion_mask[i, len(p) : len(p) + len(c)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
 def token_logprobs(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:

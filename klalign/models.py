@@ -176,17 +176,20 @@ def load_causal_lm(
     return model
 
 
-def load_policy_and_reference(args: ModelArguments, trust_remote_code: bool = False):
-    """(policy, reference or None): None means "the policy's own weights with the adapter disabled".
-
-    Full fine-tuning without an explicit reference gets a frozen copy of the initial policy.
+def load_policy_and_reference(
+    args: ModelArguments, trust_remote_code: bool = False, reference_precomputed: bool = False
+):
+    """(policy, reference or None). None means the trainer needs no second copy of the weights:
+    with LoRA the reference is the policy with its adapter disabled, and with
+    `reference_precomputed` (DPO's `precompute_ref_log_probs`) the reference log-probs are taken
+    from the initial policy before training. Otherwise full fine-tuning gets a frozen copy.
     `trust_remote_code` comes from the training config (trl.DPOConfig already has that field).
     """
     common = dict(dtype=args.dtype, trust_remote_code=trust_remote_code, cache_dir=args.cache_dir)
     policy = load_causal_lm(args.model_name_or_path, adapter_path=args.adapter_path, **common)
     if args.ref_model_name_or_path is not None:
         reference = load_causal_lm(args.ref_model_name_or_path, trainable=False, **common)
-    elif args.use_peft and args.adapter_path is None:
+    elif (args.use_peft and args.adapter_path is None) or reference_precomputed:
         reference = None
     else:
         reference = load_causal_lm(args.model_name_or_path, adapter_path=args.adapter_path, trainable=False, **common)

@@ -47,7 +47,9 @@ def main():
         eval_dataset = load_preference_dataset(data_args.eval_dataset_path, **validate)
 
     # 2. Models: with LoRA the reference is the disabled adapter (reference is None).
-    policy, reference = load_policy_and_reference(model_args, training_args.trust_remote_code)
+    policy, reference = load_policy_and_reference(
+        model_args, training_args.trust_remote_code, training_args.precompute_ref_log_probs
+    )
     trainer = DPOTrainer(
         model=policy,
         ref_model=reference,

@@ -56,7 +56,9 @@ def main():
 
     # 3. Preference training on the pairs.
     train_dataset = load_preference_dataset(pairs_path, tokenizer=tokenizer, max_length=training_args.max_length)
-    policy, reference = load_policy_and_reference(model_args, training_args.trust_remote_code)
+    policy, reference = load_policy_and_reference(
+        model_args, training_args.trust_remote_code, training_args.precompute_ref_log_probs
+    )
     trainer = DPOTrainer(
         model=policy,
         ref_model=reference,
@@ -74,7 +76,7 @@ def main():
             training_args.output_dir,
             f"RSO ({training_args.loss_type}, sampling_beta={rso_args.sampling_beta})",
             metrics,
-            {"model": training_args.output_dir, "pairs": str(pairs_path)},
+            {"model": training_args.output_dir, "pairs_file": str(pairs_path)},
         )
 
 

