@@ -11,7 +11,7 @@ from klalign.data import (
     validate_preference_dataset,
     validate_prompt_dataset,
 )
-from klalign.generation import GenerationArguments, generate_responses
+from klalign.generation import Completion, GenerationArguments, generate_responses, sample_completions
 from klalign.logprobs import kl_k1, kl_k2, kl_k3, sequence_logprobs, token_logprobs
 from klalign.losses import (
     PREFERENCE_LOSSES,
@@ -30,12 +30,20 @@ from klalign.models import (
     lora_config,
     resolve_model_path,
 )
+from klalign.enhancers import ENHANCERS
+from klalign.feedback import FeedbackStore
+from klalign.online import OnlineConfig, OnlineTrainer
 from klalign.oracles import (
     BradleyTerryPreference,
     CallableReward,
+    LMJudgePreference,
+    OracleArguments,
     OracleError,
     PreferenceOracle,
+    RewardModelOracle,
     RewardOracle,
+    build_oracle,
+    build_reward_oracle,
 )
 from klalign.reporting import write_summary
 from klalign.rewards import get_reward_function, vader_sentiment
@@ -58,6 +66,8 @@ from klalign.theory import (
     tilt_for_kl_budget,
 )
 from klalign.trainers.dpo import DPOConfig, DPOTrainer
+from klalign.trainers.iterative import IterativeDPOConfig, IterativeDPOTrainer
+from klalign.testbed import SingleTokenBandit, TestbedPreference, TestbedReward, read_policy
 
 __version__ = "0.1.0"
 
@@ -67,24 +77,32 @@ __all__ = [
     "best_of_n_kl_estimate",
     "best_of_n_win_rate",
     "BradleyTerryPreference",
+    "build_oracle",
+    "build_reward_oracle",
     "build_rso_dataset",
     "CallableReward",
+    "Completion",
     "convert_gguf",
     "DataArguments",
     "DataError",
     "dpo_sigmoid_loss",
     "DPOConfig",
     "DPOTrainer",
+    "ENHANCERS",
     "exploitability",
+    "FeedbackStore",
     "generate_responses",
     "GenerationArguments",
     "get_reward_function",
     "ipo_loss",
+    "IterativeDPOConfig",
+    "IterativeDPOTrainer",
     "kl",
     "kl_k1",
     "kl_k2",
     "kl_k3",
     "length_normalized_sigmoid_loss",
+    "LMJudgePreference",
     "load_causal_lm",
     "load_policy_and_reference",
     "load_preference_dataset",
@@ -96,21 +114,30 @@ __all__ = [
     "ModelArguments",
     "nash_md",
     "nash_mirror_prox",
+    "OnlineConfig",
+    "OnlineTrainer",
+    "OracleArguments",
     "OracleError",
     "parse_config",
     "PREFERENCE_LOSSES",
     "PreferenceOracle",
+    "read_policy",
     "regularized_nash",
     "regularized_objective",
     "rejection_sample",
     "RejectionSamplingArguments",
     "resolve_model_path",
     "resume_checkpoint",
+    "RewardModelOracle",
     "RewardOracle",
     "rso_acceptance_rate",
     "rso_hinge_loss",
+    "sample_completions",
     "sequence_logprobs",
     "simulate_kl_ucb",
+    "SingleTokenBandit",
+    "TestbedPreference",
+    "TestbedReward",
     "tilt",
     "tilt_for_kl_budget",
     "token_logprobs",

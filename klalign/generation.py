@@ -46,12 +46,20 @@ class Completion:
     text: str  # decoded without special tokens
 
 
-def render_prompts(tokenizer, prompts: list) -> list[str]:
-    """Conversations through the chat template (with the generation prompt); strings unchanged."""
-    return [
-        p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
+def prompt_token_ids(tokenizer, prompt) -> list[int]:
+    """A prompt's ids as TRL's trainers tokenize it: strings with the tokenizer's special tokens
+    (e.g. BOS), conversations through the chat template with the generation prompt."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt).input_ids
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(ids["input_ids"])
+
+
+def _left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def _gathered_for_generation(model, accelerator):
@@ -85,8 +93,8 @@ def sample_completions(
     args = args or GenerationArguments()
     if seed is not None:
         torch.manual_seed(seed)
-    texts = render_prompts(tokenizer, prompts)
-    flat = [(p, t) for p, t in zip(prompts, texts) for _ in range(num_samples)]  # a prompt's samples are contiguous
+    ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+    flat = [(p, i) for p, i in zip(prompts, ids) for _ in range(num_samples)]  # a prompt's samples are contiguous
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     done: list[Completion] = []
     with _gathered_for_generation(model, accelerator) as unwrapped:
@@ -96,9 +104,9 @@ def sample_completions(
         starts = range(0, len(flat), args.generation_batch_size)
         for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
             chunk = flat[start : start + args.generation_batch_size]
-            enc = tokenizer([t for _, t in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = _left_padded([i for _, i in chunk], pad_id, device)
             out = unwrapped.generate(
-                **enc.to(device),
+                **enc,
                 do_sample=True,
                 temperature=args.temperature,
                 top_p=args.top_p,
@@ -109,9 +117,8 @@ def sample_completions(
                 use_cache=True,
             )  # (b, prompt_len + new), prompts left-padded
             new = out[:, enc["input_ids"].size(1) :].tolist()
-            for (prompt, _), row, mask, ids in zip(chunk, enc["input_ids"].tolist(), enc["attention_mask"].tolist(), new):
-                prompt_ids = [t for t, m in zip(row, mask) if m]
-                completion_ids = _strip(ids, pad_id, eos_id)
+            for (prompt, prompt_ids), generated in zip(chunk, new):
+                completion_ids = _strip(generated, pad_id, eos_id)
                 text = tokenizer.decode(completion_ids, skip_special_tokens=True)
                 done.append(Completion(prompt, prompt_ids, completion_ids, text))
         unwrapped.train(was_training)

@@ -12,6 +12,7 @@ fails loudly with the oracle's name and the offending example instead of poisoni
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -164,3 +165,100 @@ def build_reward_oracle(reward_fn: str | None = None, reward_model_path: str | N
 
     model, tokenizer = load_reward_model(reward_model_path, **load_kwargs)
     return RewardModelOracle(model, tokenizer, name=f"reward_model({reward_model_path})")
+
+
+JUDGE_TEMPLATE = (
+    "Which response answers the prompt better?\n\nPrompt: {prompt}\n\nResponse A: {a}\n\nResponse B: {b}\n\n"
+    "Answer with A or B. The better response is"
+)
+
+
+class LMJudgePreference(PreferenceOracle):
+    """A local causal LM as a pairwise judge.
+
+    P(A > B) is read from the judge's next-token log-probs of " A" and " B" after a comparison
+    prompt, normalised over the two; the pair is judged in both orders and the two estimates
+    averaged, `(p(A | A first) + 1 - p(A | B first)) / 2`, which removes position bias. With a chat
+    tokenizer the question is the user turn and the answer starts the assistant turn.
+    """
+
+    def __init__(self, model, tokenizer, template: str = JUDGE_TEMPLATE, batch_size: int = 8, name: str = "lm_judge"):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.batch_size, self.name = batch_size, name
+        self.choice_ids = [self._single_token(" A"), self._single_token(" B")]
+
+    def _single_token(self, text: str) -> int:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"judge {self.name!r}: {text!r} is {len(ids)} tokens for this tokenizer; it must be one")
+        return ids[0]
+
+    def _query(self, prompt, a: str, b: str) -> list[int]:
+        question = self.template.format(prompt=prompt if isinstance(prompt, str) else prompt[-1]["content"], a=a, b=b)
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            ) + "The better response is"
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.tokenizer(question).input_ids
+
+    @torch.no_grad()
+    def _first_wins(self, prompts, firsts, seconds) -> torch.Tensor:
+        """P(the first-shown response is better) for each example. (N,)"""
+        from klalign.generation import _left_padded  # the same left padding generation uses
+
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(prompts), self.batch_size):
+            rows = [self._query(p, a, b) for p, a, b in zip(*(x[start : start + self.batch_size]
+                                                              for x in (prompts, firsts, seconds)))]
+            enc = _left_padded(rows, self.tokenizer.pad_token_id, device)
+            logits = self.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # (b, V)
+            out.append(torch.softmax(logits[:, self.choice_ids], dim=-1)[:, 0].cpu())  # (b,)
+        return torch.cat(out)
+
+    def _preference(self, prompts, responses_a, responses_b):
+        a_first = self._first_wins(prompts, responses_a, responses_b)
+        b_first = self._first_wins(prompts, responses_b, responses_a)
+        return (a_first + 1 - b_first) / 2
+
+
+@dataclass
+class OracleArguments:
+    """Where feedback comes from, for the online recipes. YAML keys map 1:1 onto these fields."""
+
+    reward_fn: str | None = field(default=None, metadata={"help": "A reward function by name (klalign.rewards)."})
+    reward_model_path: str | None = field(default=None, metadata={"help": "A sequence-classification reward model."})
+    judge_model_path: str | None = field(
+        default=None, metadata={"help": "A causal LM used as a pairwise judge (a preference oracle)."}
+    )
+    feedback: str = field(
+        default="reward",
+        metadata={"help": "'reward' (scores) or 'preference' (Bradley-Terry labels drawn from a reward's scores)."},
+    )
+    bradley_terry_temperature: float = field(
+        default=1.0, metadata={"help": "P(A > B) = sigmoid((r_A - r_B) / temperature) with feedback: preference."}
+    )
+
+    def __post_init__(self):
+        sources = [x for x in (self.reward_fn, self.reward_model_path, self.judge_model_path) if x is not None]
+        if len(sources) != 1:
+            raise ValueError("set exactly one of reward_fn, reward_model_path and judge_model_path")
+        if self.feedback not in ("reward", "preference"):
+            raise ValueError(f"feedback must be 'reward' or 'preference', got {self.feedback!r}")
+        if self.judge_model_path is not None and self.feedback != "preference":
+            raise ValueError("a judge gives preferences: set feedback: preference with judge_model_path")
+
+
+def build_oracle(args: OracleArguments, **load_kwargs) -> RewardOracle | PreferenceOracle:
+    """The oracle an `OracleArguments` names (models are loaded frozen, from local paths only)."""
+    if args.judge_model_path is not None:
+        from klalign.models import load_causal_lm, load_tokenizer
+
+        model = load_causal_lm(args.judge_model_path, trainable=False, **load_kwargs)
+        tokenizer = load_tokenizer(args.judge_model_path, cache_dir=load_kwargs.get("cache_dir"))
+        return LMJudgePreference(model, tokenizer, name=f"lm_judge({args.judge_model_path})")
+    reward = build_reward_oracle(args.reward_fn, args.reward_model_path, **load_kwargs)
+    if args.feedback == "preference":
+        return BradleyTerryPreference(reward, args.bradley_terry_temperature)
+    return reward

@@ -1,0 +1,277 @@
+"""Best-of-N sampling, as a data source, and its reward/KL curve estimated from samples.
+
+ALGORITHMS.md section 4 (Beirami et al. 2024, "Theoretical guarantees on the best-of-n alignment
+policy"; Yang et al. 2024, "Asymptotics of language model alignment"): draw N responses from a
+policy, keep the one with the highest reward.
+
+- `BestOfNSampler` draws N responses per prompt (in generation batches, so N may exceed one batch),
+  scores them with any `RewardOracle`, and returns, or appends to a JSONL file prompt by prompt, the
+  best response and every score. A re-run on the same file skips the prompts already there.
+- `distillation_dataset` / `preference_dataset` turn its results into training data: best-of-N
+  distillation (prompt/completion) and best-vs-worst pairs (prompt/chosen/rejected).
+- `best_of_n_expectation` and friends estimate the best-of-N curve from n >= N samples per prompt
+  without drawing anything new: an unbiased U-statistic over all N-subsets of the n samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from klalign.generation import Completion, GenerationArguments, sample_completions
+from klalign.oracles import RewardOracle
+from klalign.theory import best_of_n_kl_bound, best_of_n_kl_estimate
+
+
+def sample_and_score(
+    model, tokenizer, oracle: RewardOracle, prompts: list, num_samples: int,
+    generation: GenerationArguments | None = None, seed: int | None = None, accelerator=None, progress: bool = False,
+) -> tuple[list[list[Completion]], torch.Tensor]:
+    """`num_samples` completions per prompt and their rewards: (completions, (P, n) float64 scores).
+
+    Generation is batched over the flat list of P * n sequences (`generation_batch_size` at a
+    time), so n larger than a batch is simply split across generate() calls. The oracle sees each
+    prompt as given (a string or a conversation) and is called once for all P * n responses.
+    """
+    completions = sample_completions(model, tokenizer, prompts, num_samples, generation, seed, accelerator, progress)
+    flat = [c for per_prompt in completions for c in per_prompt]
+    scores = oracle.score([c.prompt for c in flat], [c.text for c in flat])  # (P * n,)
+    return completions, scores.view(len(prompts), num_samples)
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+@dataclass
+class BestOfNResult:
+    """One prompt's N responses and their scores; `best_index` is the argmax (first among ties)."""
+
+    prompt: object  # str or list of messages
+    responses: list[str]
+    scores: list[float]
+
+    @property
+    def best_index(self) -> int:
+        return int(np.argmax(self.scores))
+
+    @property
+    def worst_index(self) -> int:
+        return int(np.argmin(self.scores))
+
+    @property
+    def best(self) -> str:
+        return self.responses[self.best_index]
+
+    @property
+    def best_score(self) -> float:
+        return self.scores[self.best_index]
+
+    def to_record(self) -> dict:
+        """The JSONL row: the fields, plus the best response and its index for readers of the file."""
+        return {**asdict(self), "best_index": self.best_index, "best": self.best, "best_score": self.best_score}
+
+    @classmethod
+    def from_record(cls, record: dict) -> BestOfNResult:
+        return cls(record["prompt"], record["responses"], record["scores"])
+
+
+def _key(prompt) -> str:
+    """A prompt's identity in a results file (conversations are lists, so compare canonical JSON)."""
+    return json.dumps(prompt, sort_keys=True)
+
+
+def read_best_of_n(path: str | Path) -> list[BestOfNResult]:
+    """The results a `BestOfNSampler` appended to `path`, in file order.
+
+    A run killed mid-write leaves a torn last line: it is dropped from the file (that prompt is
+    sampled again), so the file stays valid JSONL for every other reader.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        records = [json.loads(line) for line in lines]
+    except json.JSONDecodeError:
+        lines = lines[:-1]
+        path.write_text("".join(line + "\n" for line in lines))
+        records = [json.loads(line) for line in lines]
+    return [BestOfNResult.from_record(r) for r in records]
+
+
+class BestOfNSampler:
+    """Best-of-N responses for prompts from `model`, scored by `oracle` (reward model or callable).
+
+        sampler = BestOfNSampler(model, tokenizer, build_reward_oracle("vader"), n=16)
+        results = sampler.sample(prompts, output_path="runs/bon/best_of_16.jsonl")
+        preference_dataset(results).to_json("runs/bon/pairs.jsonl")
+
+    Prompts are grouped so that one generate() call holds about `generation_batch_size` sequences
+    (several prompts when N is small; one prompt over several calls when N is large). With
+    `output_path`, each prompt's result is appended as soon as it is scored, and prompts already in
+    the file are not sampled again: a killed run loses at most the group in flight.
+    """
+
+    def __init__(
+        self, model, tokenizer, oracle: RewardOracle, n: int = 4, generation: GenerationArguments | None = None,
+        seed: int = 0, accelerator=None, progress: bool = True,
+    ):
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self.model, self.tokenizer, self.oracle, self.n = model, tokenizer, oracle, n
+        self.generation = generation or GenerationArguments()
+        self.seed, self.accelerator, self.progress = seed, accelerator, progress
+
+    def sample(self, prompts: list, output_path: str | Path | None = None) -> list[BestOfNResult]:
+        """One `BestOfNResult` per prompt, in prompt order (read from `output_path` where already done)."""
+        done = {_key(r.prompt): r for r in read_best_of_n(output_path)} if output_path else {}
+        todo = list({_key(p): p for p in prompts if _key(p) not in done}.values())  # duplicates sampled once
+        per_call = max(1, self.generation.generation_batch_size // self.n)
+        sink = None
+        if output_path is not None:
+            Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+            sink = Path(output_path).open("a")
+        try:
+            for start in tqdm(range(0, len(todo), per_call), desc=f"best-of-{self.n}", disable=not self.progress):
+                group = todo[start : start + per_call]
+                completions, scores = sample_and_score(
+                    self.model, self.tokenizer, self.oracle, group, self.n, self.generation,
+                    seed=self.seed + start, accelerator=self.accelerator,
+                )
+                for prompt, per_prompt, row in zip(group, completions, scores.tolist()):
+                    result = BestOfNResult(prompt, [c.text for c in per_prompt], row)
+                    done[_key(prompt)] = result
+                    if sink is not None:
+                        sink.write(json.dumps(result.to_record()) + "\n")
+                if sink is not None:
+                    sink.flush()  # on disk before the next group starts
+        finally:
+            if sink is not None:
+                sink.close()
+        return [done[_key(p)] for p in prompts]
+
+
+# ----------------------------------------------------------------------------- as training data
+
+
+def _as_turn(prompt, response: str):
+    """A response in the prompt's format: a string, or an assistant message list for conversations."""
+    return response if isinstance(prompt, str) else [{"role": "assistant", "content": response}]
+
+
+def distillation_dataset(results: list[BestOfNResult]) -> Dataset:
+    """Best-of-N distillation data: "prompt", "completion" (the best response), "score".
+
+    TRL's prompt-completion format (conversational prompts get an assistant-message completion);
+    SFT on it is the usual way to distil best-of-N into the policy.
+    """
+    return Dataset.from_list([
+        {"prompt": r.prompt, "completion": _as_turn(r.prompt, r.best), "score": r.best_score} for r in results
+    ])
+
+
+def preference_dataset(results: list[BestOfNResult], min_margin: float = 0.0) -> Dataset:
+    """Best-vs-worst pairs: "prompt", "chosen", "rejected", "chosen_score", "rejected_score".
+
+    Prompts whose best and worst scores differ by `min_margin` or less carry no preference and are
+    left out. Readable by `klalign.data.load_preference_dataset` once written with `.to_json(path)`.
+    """
+    rows = []
+    for r in results:
+        best, worst = r.best_index, r.worst_index
+        if r.scores[best] - r.scores[worst] <= min_margin:
+            continue
+        rows.append({
+            "prompt": r.prompt,
+            "chosen": _as_turn(r.prompt, r.responses[best]),
+            "rejected": _as_turn(r.prompt, r.responses[worst]),
+            "chosen_score": r.scores[best],
+            "rejected_score": r.scores[worst],
+        })
+    return Dataset.from_list(rows)
+
+
+# ----------------------------------------------------------------------------- the curve, from samples
+
+
+def best_of_n_weights(num_samples: int, n: int) -> np.ndarray:
+    """w[k] = P(the (k+1)-th smallest of n samples is the best of a uniform random N-subset). (n,)
+
+    = C(k, N-1) / C(n, N) for k >= N-1, else 0. Exact integer binomials, so large n is fine.
+    """
+    if not 1 <= n <= num_samples:
+        raise ValueError(f"best-of-{n} needs 1 <= N <= {num_samples} samples")
+    total = math.comb(num_samples, n)
+    return np.array([math.comb(k, n - 1) / total for k in range(num_samples)])
+
+
+def best_of_n_expectation(rewards: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """E[value of the best of N] per prompt, averaged over all N-subsets of the samples. (P, m) -> (P,)
+
+    The U-statistic: an unbiased estimate of E[value(Y_N)], Y_N the best of N fresh draws, from
+    m >= N draws. `values` must be constant within a reward level (as the reward itself and
+    Beirami's D(eps) with a level mass eps are), so the order among tied samples does not matter.
+    """
+    order = np.argsort(rewards, axis=-1, kind="stable")  # (P, m) ascending reward
+    ranked = np.take_along_axis(values, order, axis=-1)
+    return ranked @ best_of_n_weights(rewards.shape[-1], n)
+
+
+def jackknife_se(rewards: np.ndarray, values: np.ndarray, n: int) -> float:
+    """Standard error of the prompt mean of `best_of_n_expectation`, by delete-one jackknife.
+
+    Within each prompt (Arvesen 1969 for U-statistics), conditional on the prompts:
+    var_i = (m-1)/m * sum_j (u_{-j} - mean u_{-j})^2, se = sqrt(sum_i var_i) / P. NaN when N = m
+    (no leave-one-out subset holds N samples).
+    """
+    P, m = rewards.shape
+    if n >= m:
+        return float("nan")
+    keep = ~np.eye(m, dtype=bool)  # row j leaves sample j out
+    loo = np.stack([best_of_n_expectation(rewards[:, k], values[:, k], n) for k in keep], axis=1)  # (P, m)
+    var = (m - 1) / m * ((loo - loo.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)  # (P,)
+    return float(np.sqrt(var.sum()) / P)
+
+
+def level_mass(rewards: np.ndarray, ref_logprobs: np.ndarray, completion_ids: list[list[tuple]]) -> np.ndarray:
+    """eps for Beirami's estimator: the reference's mass of each sample's reward level. (P, m)
+
+    KL(pi_N || p) only depends on the law of the reward level (pi_N / p is constant on a level), so
+    eps is the level's mass. When every sample at a level is the same response (continuous rewards,
+    or the same token repeated), eps = p_ref(y), exact from the reference's sequence log-prob. When
+    distinct responses tie (a reward with atoms, e.g. VADER's 0.0 for neutral text), the mass of the
+    level is far above any one response's, and its empirical frequency among the m samples is used.
+    """
+    eps = np.maximum(np.exp(ref_logprobs), np.finfo(np.float64).tiny)  # (P, m); log-probs of -800 underflow
+    for i, row in enumerate(rewards):
+        for level in np.unique(row):
+            at = np.flatnonzero(row == level)
+            if len({completion_ids[i][j] for j in at}) > 1:
+                eps[i, at] = len(at) / len(row)
+    return np.minimum(eps, 1.0)
+
+
+def best_of_n_curve(rewards: np.ndarray, eps: np.ndarray, ns: list[int]) -> list[dict]:
+    """Reward (with jackknife SE) and KL of best-of-N for each N, from m reference samples per prompt.
+
+    kl_bound = log N - (N-1)/N (Beirami et al. 2024, Thm 1); kl_estimate = E[D(eps(Y_N))], their
+    estimator averaged over the best-of-N selection with the same U-statistic. (P, m) inputs.
+    """
+    rows = []
+    for n in ns:
+        d = best_of_n_kl_estimate(eps, n)  # (P, m): D(eps) if that sample were selected
+        rows.append({
+            "n": n,
+            "reward": float(best_of_n_expectation(rewards, rewards, n).mean()),
+            "reward_se": jackknife_se(rewards, rewards, n),
+            "kl_bound": float(best_of_n_kl_bound(n)),
+            "kl_estimate": max(0.0, float(best_of_n_expectation(rewards, d, n).mean())),  # D >= 0; no -0.0
+        })
+    return rows

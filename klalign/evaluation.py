@@ -1,0 +1,467 @@
+"""KL/reward trade-off of checkpoints against best-of-N and the tilted frontier (ALGORITHMS.md section 4).
+
+    klalign evaluate --config configs/tiny/evaluate.yaml
+    klalign evaluate --config configs/tiny/evaluate.yaml --checkpoints runs/tiny-dpo --num_samples 4
+
+For each checkpoint: sample `num_samples` responses per prompt, score them, and estimate
+- the mean reward, and
+- KL(pi || pi_ref) by k1 = l and k3 = exp(-l) - 1 + l (ALGORITHMS.md section 0), where
+  l = s_pi(y) - s_ref(y) is the sequence log-ratio on the checkpoint's own samples, computed on the
+  exact sampled token ids (decoding and re-encoding could change them).
+Standard errors are over the sampling of responses, conditional on the prompt set (which every
+checkpoint shares): se = sqrt(sum_i var_i / n) / P for P prompts with n samples each.
+
+On the reference's own samples, with nothing sampled again:
+- the best-of-N curve, N = 1, 2, 4, ..., best_of_n_max (klalign.best_of_n: unbiased U-statistic over
+  N-subsets; KL by Beirami et al. 2024's bound log N - (N-1)/N and by their estimator D(eps), eps the
+  reference's mass of the selected reward level);
+- the tilted frontier phi_lam ∝ pi_ref * exp(lam * r) (Yang et al. 2024: best-of-N and the tilt are
+  asymptotically equivalent), by self-normalised weights w_j ∝ exp(lam * r_j) over a prompt's n
+  samples: reward = sum_j w_j r_j, KL = sum_j w_j log(w_j * n). It is the exact tilt of the empirical
+  reference law, so its KL saturates at log n: trust it only while the effective sample size is large.
+
+Everything that can fail is checked before anything is sampled: the checkpoints exist and hold
+weights, their tokenizers match the reference's, the prompt set is not empty, the reward exists.
+Sampled results are cached in `<output_dir>/cache`, keyed by a hash of the model's weight files and
+of every setting that changes the samples, so a re-run only samples what is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+from klalign.best_of_n import best_of_n_curve, level_mass, sample_and_score
+from klalign.config import parse_config
+from klalign.data import DataError, load_prompt_dataset
+from klalign.generation import GenerationArguments
+from klalign.logprobs import completion_batch, kl_k1, kl_k3, sequence_logprobs
+from klalign.models import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
+from klalign.oracles import RewardOracle, build_reward_oracle
+
+CACHE_VERSION = 1  # part of every cache key: bump it when what a cached result means changes
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model)([-.].*)?\.(safetensors|bin)$")
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+class EvaluationError(ValueError):
+    """A checkpoint, tokenizer or setting that cannot be evaluated; the message names it."""
+
+
+@dataclass
+class EvaluationArguments:
+    """What `klalign evaluate` compares. YAML keys map 1:1 onto these fields (sampling: GenerationArguments)."""
+
+    checkpoints: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Model or PEFT adapter folders, or run folders (every checkpoint-* in them is evaluated)."},
+    )
+    include_final_model: bool = field(
+        default=True, metadata={"help": "Also evaluate the model saved at the top of each run folder."}
+    )
+    reference_model_path: str = field(
+        default="tiny:policy",
+        metadata={"help": "pi_ref, and the base adapter checkpoints load on: folder, .gguf, package:, tiny:."},
+    )
+    prompt_dataset_path: str = field(
+        default="configs/data/tiny_prompts.jsonl", metadata={"help": "Held-out prompts (a prompt-only dataset)."}
+    )
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first max_prompts prompts."})
+    reward_fn: str | None = field(default="vader", metadata={"help": "Reward function by name (klalign.rewards)."})
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "A sequence-classification reward model folder (instead of reward_fn)."}
+    )
+    num_samples: int = field(default=8, metadata={"help": "Responses sampled per prompt, per model (>= 2)."})
+    best_of_n_max: int = field(
+        default=4, metadata={"help": "Largest N of the best-of-N curve (N = 1, 2, 4, ...; below num_samples)."}
+    )
+    frontier_lambdas: list[float] = field(
+        default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+        metadata={"help": "Tilt strengths lam (= 1/beta) at which the frontier is estimated."},
+    )
+    output_dir: str = field(default="runs/evaluation", metadata={"help": "Where tables, plot and cache go."})
+    logprob_batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass for log-probs."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every model)."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where converted GGUF and tiny models are cached (default ~/.cache/klalign)."}
+    )
+
+    def __post_init__(self):
+        def check(ok: bool, message: str):
+            if not ok:
+                raise EvaluationError(message)
+
+        check((self.reward_fn is None) != (self.reward_model_path is None),
+              "set exactly one of reward_fn and reward_model_path")
+        check(self.num_samples >= 2, f"num_samples must be >= 2 (standard errors), got {self.num_samples}")
+        check(1 <= self.best_of_n_max < self.num_samples,
+              f"best_of_n_max must be in [1, num_samples={self.num_samples}), got {self.best_of_n_max}")
+        check(all(lam >= 0 for lam in self.frontier_lambdas), f"frontier_lambdas must be >= 0: {self.frontier_lambdas}")
+        check(self.max_prompts is None or self.max_prompts >= 1, f"max_prompts must be >= 1, got {self.max_prompts}")
+        check(self.logprob_batch_size >= 1, f"logprob_batch_size must be >= 1, got {self.logprob_batch_size}")
+        check(self.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class Checkpoint:
+    """One model to evaluate: a full model folder, or a PEFT adapter folder loaded on the reference."""
+
+    name: str
+    path: Path
+    step: int | None
+    is_adapter: bool
+
+
+@dataclass
+class EvaluationReport:
+    """Everything `klalign evaluate` writes: one summary row per model, the BoN curve, the frontier."""
+
+    reference: dict
+    checkpoints: list[dict]
+    best_of_n: list[dict]
+    frontier: list[dict]
+    settings: dict
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- finding and checking models
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and WEIGHT_FILE.match(p.name))
+
+
+def _as_checkpoint(folder: Path, name: str, step: int | None) -> Checkpoint:
+    """A checkpoint for a model folder, or an EvaluationError saying what the folder lacks."""
+    is_adapter = (folder / "adapter_config.json").is_file()
+    if not is_adapter and not (folder / "config.json").is_file():
+        raise EvaluationError(
+            f"checkpoint {str(folder)!r} is not a model folder (no config.json or adapter_config.json) "
+            "nor a run folder (no checkpoint-* subfolders)"
+        )
+    if not _weight_files(folder):
+        raise EvaluationError(f"checkpoint {str(folder)!r} holds no weight files (model*.safetensors / *.bin)")
+    return Checkpoint(name, folder, step, is_adapter)
+
+
+def _final_step(run: Path) -> int | None:
+    state = run / "trainer_state.json"
+    return json.loads(state.read_text()).get("global_step") if state.is_file() else None
+
+
+def find_checkpoints(paths: list[str], include_final_model: bool = True) -> list[Checkpoint]:
+    """Expand run folders into their checkpoint-* (by step) and, optionally, their final model.
+
+    Names are the folder names ("checkpoint-32", "final"), or the full paths where those collide.
+    """
+    if not paths:
+        raise EvaluationError("no checkpoints to evaluate: set `checkpoints` (model, adapter or run folders)")
+    found = []
+    for given in paths:
+        folder = Path(given)
+        if not folder.is_dir():
+            raise EvaluationError(f"checkpoint {given!r} does not exist or is not a folder")
+        steps = sorted((int(m[1]), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT_DIR.match(p.name)))
+        if not steps:
+            found.append(_as_checkpoint(folder, folder.name, None))
+            continue
+        found += [_as_checkpoint(p, p.name, step) for step, p in steps]
+        if include_final_model and ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
+            found.append(_as_checkpoint(folder, "final", _final_step(folder)))
+    found = list({c.path.resolve(): c for c in found}.values())  # a folder given twice is evaluated once
+    names = [c.name for c in found]
+    if len(set(names)) < len(names):
+        for c in found:
+            c.name = str(c.path) if c.name != "final" else f"{c.path} (final)"
+    return found
+
+
+def check_tokenizer(checkpoint: Checkpoint, reference_tokenizer, reference_vocab_size: int) -> None:
+    """Raise unless the checkpoint tokenizes like the reference: same vocabulary and special tokens.
+
+    Log-ratios are taken on token ids that the reference's tokenizer produced, so any difference
+    would silently compare different strings. A folder without tokenizer files is checked through
+    its config's vocab_size only.
+    """
+    folder = checkpoint.path
+    where = f"checkpoint {str(folder)!r}"
+    if not checkpoint.is_adapter:
+        vocab_size = AutoConfig.from_pretrained(folder).vocab_size
+        if vocab_size != reference_vocab_size:
+            raise EvaluationError(
+                f"{where}: vocab_size {vocab_size} differs from the reference's {reference_vocab_size}"
+            )
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+        return
+    tokenizer = load_tokenizer(str(folder))
+    vocab, ref_vocab = tokenizer.get_vocab(), reference_tokenizer.get_vocab()
+    if vocab != ref_vocab:
+        differ = sorted(set(vocab.items()) ^ set(ref_vocab.items()), key=str)
+        raise EvaluationError(
+            f"{where}: its tokenizer does not match the reference's ({len(vocab)} vs {len(ref_vocab)} tokens; "
+            f"{len(differ)} (token, id) entries differ, e.g. {differ[:3]})"
+        )
+    for name in SPECIAL_TOKENS:
+        ours, theirs = getattr(tokenizer, name), getattr(reference_tokenizer, name)
+        if ours != theirs:
+            raise EvaluationError(f"{where}: {name} is {ours!r} but the reference's is {theirs!r}")
+
+
+# ----------------------------------------------------------------------------- cache keys
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_digest(folder: Path) -> str:
+    """sha256 over the config and weight files of a model or adapter folder (names and contents)."""
+    files = [folder / n for n in ("config.json", "adapter_config.json") if (folder / n).is_file()]
+    digest = hashlib.sha256()
+    for path in files + _weight_files(folder):
+        digest.update(f"{path.name}:{_file_digest(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- sampling and statistics
+
+
+def mean_and_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean of a (P, n) array and its standard error over the n samples per prompt, given the prompts."""
+    P, n = values.shape
+    return float(values.mean()), float(np.sqrt(values.var(axis=1, ddof=1).sum() / n) / P)
+
+
+@torch.no_grad()
+def completion_logprobs(model, completions: list, pad_token_id: int, batch_size: int) -> np.ndarray:
+    """s(y) under `model` for each completion, on its exact prompt and completion ids. (N,) float64"""
+    device = next(model.parameters()).device
+    out = []
+    for start in tqdm(range(0, len(completions), batch_size), desc="log-probs", leave=False):
+        chunk = completions[start : start + batch_size]
+        batch = completion_batch([c.prompt_ids for c in chunk], [c.completion_ids for c in chunk], pad_token_id, device)
+        out.append(sequence_logprobs(model, **batch).double().cpu())  # (b,)
+    return torch.cat(out).numpy()
+
+
+def _sample(model, tokenizer, oracle, prompts, args, generation, logprob_models: dict) -> dict:
+    """Sample n responses per prompt, score them, and take s(y) under each of `logprob_models`."""
+    completions, rewards = sample_and_score(
+        model, tokenizer, oracle, prompts, args.num_samples, generation, seed=args.seed, progress=True
+    )
+    flat = [c for per_prompt in completions for c in per_prompt]
+    shape = rewards.shape  # (P, n)
+    record = {
+        "texts": [[c.text for c in per_prompt] for per_prompt in completions],
+        "completion_ids": [[c.completion_ids for c in per_prompt] for per_prompt in completions],
+        "rewards": rewards.tolist(),
+    }
+    for name, scorer in logprob_models.items():
+        logps = completion_logprobs(scorer, flat, tokenizer.pad_token_id, args.logprob_batch_size)
+        record[name] = logps.reshape(shape).tolist()
+    return record
+
+
+def _cached(path: Path, compute) -> dict:
+    """The JSON at `path`, or `compute()` written there atomically (a killed run leaves no torn entry)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    record = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+    return record
+
+
+def summarize(name: str, samples: dict, step: int | None = None, path: str | None = None) -> dict:
+    """One table row: mean reward and KL (k1, k3) with standard errors, and the mean response length."""
+    rewards = np.asarray(samples["rewards"])  # (P, n)
+    row = {"name": name, "step": step, "path": path}
+    row["reward"], row["reward_se"] = mean_and_se(rewards)
+    if "logratios" in samples:
+        logratio = torch.as_tensor(samples["logratios"], dtype=torch.float64)  # (P, n)
+        row["kl_k1"], row["kl_k1_se"] = mean_and_se(kl_k1(logratio).numpy())
+        row["kl_k3"], row["kl_k3_se"] = mean_and_se(kl_k3(logratio).numpy())
+    else:  # the reference itself: KL(pi_ref || pi_ref) = 0 exactly
+        row.update(kl_k1=0.0, kl_k1_se=0.0, kl_k3=0.0, kl_k3_se=0.0)
+    row["response_tokens"] = float(np.mean([len(ids) for per in samples["completion_ids"] for ids in per]))
+    return row
+
+
+def tilted_frontier_estimate(rewards: np.ndarray, lambdas: list[float]) -> list[dict]:
+    """Reward and KL of phi_lam ∝ pi_ref exp(lam r) by self-normalised weights over (P, n) samples.
+
+    Per prompt, w = softmax(lam * r) over its n samples: reward = sum w r, KL = sum w log(w n)
+    (ALGORITHMS.md section 0). ess = 1 / sum w^2, the effective number of samples left (n at lam = 0).
+    """
+    rows = []
+    n = rewards.shape[1]
+    for lam in lambdas:
+        w = torch.softmax(torch.as_tensor(lam * rewards, dtype=torch.float64), dim=1).numpy()  # (P, n)
+        kl = np.sum(w * np.log(np.maximum(w * n, np.finfo(np.float64).tiny)), axis=1)  # 0 log 0 = 0
+        rows.append({
+            "lam": float(lam),
+            "reward": float(np.sum(w * rewards, axis=1).mean()),
+            "kl": float(np.maximum(kl, 0.0).mean()),
+            "ess": float((1.0 / np.sum(w**2, axis=1)).mean()),
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+
+@dataclass
+class _Plan:
+    """Everything validated before sampling: models, prompts, oracle, cache keys."""
+
+    checkpoints: list[Checkpoint]
+    prompts: list
+    oracle: RewardOracle
+    tokenizer: object
+    reference_path: str
+    reference_key: str
+    keys: dict[str, str]
+    settings: dict
+
+
+def _reward_id(args: EvaluationArguments, oracle: RewardOracle | None) -> str:
+    if oracle is not None:
+        return f"oracle:{oracle.name}"
+    if args.reward_fn is not None:
+        return f"fn:{args.reward_fn}"
+    return f"model:{model_digest(Path(resolve_model_path(args.reward_model_path, args.cache_dir)))}"
+
+
+def prepare(args: EvaluationArguments, generation: GenerationArguments, oracle: RewardOracle | None = None) -> _Plan:
+    """Validate everything and compute cache keys; nothing is sampled and no policy weights are loaded."""
+    if generation.temperature != 1.0 or generation.top_p != 1.0:
+        raise EvaluationError(
+            f"temperature={generation.temperature}, top_p={generation.top_p}: the KL estimators need samples from "
+            "the model itself, so evaluate with temperature 1 and top_p 1"
+        )
+    checkpoints = find_checkpoints(args.checkpoints, args.include_final_model)
+    prompts = load_prompt_dataset(args.prompt_dataset_path)["prompt"][: args.max_prompts]
+    reference_path = resolve_model_path(args.reference_model_path, args.cache_dir)
+    tokenizer = load_tokenizer(reference_path)
+    vocab_size = AutoConfig.from_pretrained(reference_path).vocab_size
+    for checkpoint in checkpoints:
+        check_tokenizer(checkpoint, tokenizer, vocab_size)
+    reward_id = _reward_id(args, oracle)
+    if oracle is None:
+        oracle = build_reward_oracle(args.reward_fn, args.reward_model_path, cache_dir=args.cache_dir)
+
+    gen = asdict(generation)
+    settings = {
+        "version": CACHE_VERSION, "prompts": _key(prompts=prompts), "reward": reward_id,
+        "num_samples": args.num_samples, "seed": args.seed, "generation": gen, "dtype": args.dtype,
+    }
+    reference_digest = model_digest(Path(reference_path))
+    keys = {
+        c.name: _key(model=model_digest(c.path), adapter=c.is_adapter, reference=reference_digest, **settings)
+        for c in checkpoints
+    }
+    reference_key = _key(model=reference_digest, role="reference", **settings)
+    settings = {**settings, "num_prompts": len(prompts), "reference_model_path": args.reference_model_path}
+    return _Plan(checkpoints, prompts, oracle, tokenizer, reference_path, reference_key, keys, settings)
+
+
+def _load(checkpoint: Checkpoint, plan: _Plan, args: EvaluationArguments):
+    """A full model from its folder, or the reference's weights with the adapter on top."""
+    common = dict(dtype=args.dtype, trainable=False, cache_dir=args.cache_dir)
+    if checkpoint.is_adapter:
+        return load_causal_lm(plan.reference_path, adapter_path=str(checkpoint.path), **common)
+    return load_causal_lm(str(checkpoint.path), **common)
+
+
+def evaluate_checkpoints(
+    args: EvaluationArguments, generation: GenerationArguments | None = None, oracle: RewardOracle | None = None
+) -> EvaluationReport:
+    """Evaluate every checkpoint against the reference, best-of-N and the frontier; write the outputs.
+
+    `oracle` overrides the reward named in `args` (any `RewardOracle`; its `name` enters the cache key).
+    """
+    from klalign.evaluation_report import write_outputs
+
+    generation = generation or GenerationArguments()
+    plan = prepare(args, generation, oracle)
+    cache = Path(args.output_dir) / "cache"
+    reference = None
+
+    def reference_model():
+        nonlocal reference
+        if reference is None:
+            reference = load_causal_lm(plan.reference_path, dtype=args.dtype, trainable=False, cache_dir=args.cache_dir)
+        return reference
+
+    def sample_reference():
+        model = reference_model()
+        return _sample(model, plan.tokenizer, plan.oracle, plan.prompts, args, generation, {"ref_logprobs": model})
+
+    ref_samples = _cached(cache / f"reference-{plan.reference_key}.json", sample_reference)
+    rows = []
+    for checkpoint in tqdm(plan.checkpoints, desc="checkpoints"):
+        def sample_checkpoint(checkpoint=checkpoint):
+            model = _load(checkpoint, plan, args)
+            record = _sample(model, plan.tokenizer, plan.oracle, plan.prompts, args, generation,
+                             {"logprobs": model, "ref_logprobs": reference_model()})
+            record["logratios"] = (np.asarray(record["logprobs"]) - np.asarray(record["ref_logprobs"])).tolist()
+            return record
+
+        # Keyed by content only: a final model identical to the last checkpoint is not sampled twice.
+        samples = _cached(cache / f"checkpoint-{plan.keys[checkpoint.name]}.json", sample_checkpoint)
+        rows.append(summarize(checkpoint.name, samples, checkpoint.step, str(checkpoint.path)))
+
+    rewards = np.asarray(ref_samples["rewards"])  # (P, n)
+    eps = level_mass(rewards, np.asarray(ref_samples["ref_logprobs"]),
+                     [[tuple(ids) for ids in per] for per in ref_samples["completion_ids"]])
+    ns = sorted({2**k for k in range(args.best_of_n_max.bit_length())} | {args.best_of_n_max})  # 1, 2, 4, ..., N_max
+    report = EvaluationReport(
+        reference=summarize("reference", ref_samples, None, args.reference_model_path),
+        checkpoints=rows,
+        best_of_n=best_of_n_curve(rewards, eps, ns),
+        frontier=tilted_frontier_estimate(rewards, args.frontier_lambdas),
+        settings={**plan.settings, "best_of_n_max": args.best_of_n_max},
+    )
+    report.paths = write_outputs(report, args.output_dir)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`klalign evaluate --config configs/tiny/evaluate.yaml [--field value ...]`."""
+    try:
+        args, generation = parse_config(EvaluationArguments, GenerationArguments, args=argv)
+        report = evaluate_checkpoints(args, generation)
+    except (EvaluationError, DataError, FileNotFoundError) as error:
+        print(f"klalign evaluate: error: {error}", file=sys.stderr)
+        return 2
+    from klalign.evaluation_report import markdown_table
+
+    print(markdown_table(report))
+    for kind, path in report.paths.items():
+        print(f"{kind:>5}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""The online loop shared by klalign's online trainers (DESIGN.md "The online loop").
+
+    prompts -> generate (policy, enhancer or opponent) -> oracle -> feedback store (disk)
+            -> batch -> loss -> optimizer step -> next round
+
+`OnlineTrainer` is a `transformers.Trainer` whose `train()` runs rounds. A subclass says only
+what it samples and asks the oracle (`collect`) and how it learns from the rows (`update`);
+everything else is here, once: prompt scheduling, chunked collection stored as it comes, seeding,
+the reference model (a separate frozen model, or the policy with its LoRA adapter disabled),
+optimizer steps through the Trainer's accelerator (single device, DDP, DeepSpeed), logging, and
+atomic per-round checkpoints.
+
+Exact resume. Every random draw is seeded from (seed, round, phase, chunk), never from the
+history of the run. A round's collection is split into chunks that are written to the store as
+they finish; a resumed run reuses stored chunks (never re-querying the oracle) and regenerates
+only the missing ones with the same seeds. A round's checkpoint (model, optimizer, scheduler,
+trainer state) is written to a temporary folder and renamed, so a killed run resumes from the
+last whole round, re-runs the interrupted update from the same rows and seeds, and ends with the
+same model as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object, is_peft_model
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer_utils import TrainOutput
+
+from klalign.data import validate_prompt_dataset
+from klalign.feedback import FeedbackStore
+from klalign.generation import GenerationArguments, sample_completions
+from klalign.logprobs import completion_batch, sequence_logprobs
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-round-(\d+)$")
+
+
+@dataclass
+class OnlineConfig(TrainingArguments):
+    """Rounds, sampling and KL settings shared by the online trainers (plus all TrainingArguments)."""
+
+    beta: float = field(default=0.1, metadata={"help": "KL coefficient beta of J = E r - beta KL(pi || pi_ref)."})
+    num_rounds: int = field(default=4, metadata={"help": "Rounds of (collect feedback, update the policy)."})
+    prompts_per_round: int = field(default=32, metadata={"help": "Prompts drawn per round (all processes)."})
+    prompts_per_chunk: int = field(
+        default=8, metadata={"help": "Prompts per stored collection chunk: the unit of work a killed run can lose."}
+    )
+    max_new_tokens: int = field(default=32, metadata={"help": "Most tokens generated per response."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the policy."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]."})
+    generation_batch_size: int = field(default=32, metadata={"help": "Sequences per generate() call."})
+    feedback_dir: str | None = field(
+        default=None, metadata={"help": "Where collected feedback is stored; default: <output_dir>/feedback."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from checkpoint folders to run (off by default)."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bfloat16 mixed precision; default: on when a bf16 GPU is present."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        for name in ("num_rounds", "prompts_per_round", "prompts_per_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.generation_args()  # validates temperature, top_p, max_new_tokens
+        super().__post_init__()
+
+    def generation_args(self, temperature: float | None = None) -> GenerationArguments:
+        return GenerationArguments(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature if temperature is None else temperature,
+            top_p=self.top_p,
+            generation_batch_size=self.generation_batch_size,
+        )
+
+
+def derived_seed(*parts) -> int:
+    """A 31-bit seed from any parts: the same parts give the same seed in every run and process."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class OnlineTrainer(Trainer):
+    """Base of the online trainers. Subclasses implement `collect` and `update`.
+
+    Arguments follow `trl`'s trainers: `model`, `ref_model` (None: a frozen copy is not kept with
+    LoRA, the adapter is disabled instead), `args`, `train_dataset` (a prompt dataset with a
+    "prompt" column), `processing_class` (the tokenizer), `oracle`, `peft_config`.
+    """
+
+    oracle_kind: tuple[type, ...] = ()  # the oracle classes a subclass accepts
+
+    def __init__(self, model, ref_model=None, args: OnlineConfig | None = None, train_dataset=None,
+                 processing_class=None, oracle=None, peft_config=None, callbacks=None):
+        if args is None or not isinstance(args, OnlineConfig):
+            raise TypeError(f"args must be an OnlineConfig subclass instance, got {type(args).__name__}")
+        if train_dataset is None:
+            raise ValueError("train_dataset (a prompt dataset with a 'prompt' column) is required")
+        train_dataset = validate_prompt_dataset(train_dataset, "train_dataset")
+        if self.oracle_kind and not isinstance(oracle, self.oracle_kind):
+            kinds = " or ".join(k.__name__ for k in self.oracle_kind)
+            raise TypeError(f"{type(self).__name__} needs a {kinds} as oracle, got {type(oracle).__name__}")
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        if ref_model is None and not is_peft_model(model):
+            raise ValueError("ref_model is required unless the policy is a PEFT model (its disabled adapter is the reference)")
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                         callbacks=callbacks)
+        self.ref_model = None if ref_model is None else self._prepare_frozen(ref_model)
+        self.oracle = oracle
+        self.prompts = list(train_dataset["prompt"])
+        self.store = FeedbackStore(args.feedback_dir or Path(args.output_dir) / "feedback")
+
+    # ---- what a subclass provides ----------------------------------------------------------------
+
+    def collect(self, round_index: int, prompts: list) -> list[dict]:
+        """Sample, query the oracle, and return the rows to store for these prompts."""
+        raise NotImplementedError
+
+    def update(self, round_index: int, rows: list[dict]) -> dict[str, float]:
+        """Take optimizer steps on this round's rows (and older ones from `self.store`); return metrics."""
+        raise NotImplementedError
+
+    def steps_per_round(self) -> int:
+        """Optimizer steps per round, for the learning-rate schedule (an upper bound is fine)."""
+        return 1
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
+        checkpoint = self._find_checkpoint(resume_from_checkpoint)
+        if checkpoint is not None and not self.is_deepspeed_enabled:
+            self._load_from_checkpoint(checkpoint)
+        max_steps = self.args.num_rounds * self.steps_per_round()
+        self.state = TrainerState(max_steps=max_steps, logging_steps=1, save_steps=1)
+        self.model_wrapped, _ = self._prepare_for_training(max_steps, None, checkpoint)
+        start_round = 0
+        if checkpoint is not None:
+            self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+            start_round = int(CHECKPOINT_PATTERN.match(Path(checkpoint).name).group(1)) + 1
+        self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        metrics: dict[str, float] = {}
+        for round_index in range(start_round, self.args.num_rounds):
+            rows = self._collect_round(round_index)
+            self.model_wrapped.train()
+            seed_everything(derived_seed(self.args.seed, round_index, "update"))
+            metrics = {"round": round_index, **self.update(round_index, rows)}
+            self.state.epoch = round_index + 1
+            self.log(metrics)
+            self._save_round_checkpoint(round_index)
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        return TrainOutput(self.state.global_step, metrics.get("loss", 0.0), metrics)
+
+    def round_prompts(self, round_index: int) -> list:
+        """The prompts of a round: a seeded draw without replacement (with, if there are too few)."""
+        rng = np.random.default_rng(derived_seed(self.args.seed, round_index, "prompts"))
+        n = self.args.prompts_per_round
+        idx = rng.choice(len(self.prompts), size=n, replace=n > len(self.prompts))
+        return [self.prompts[i] for i in idx]
+
+    def _collect_round(self, round_index: int) -> list[dict]:
+        """Collect a round chunk by chunk; stored chunks are reused, new ones stored as they finish."""
+        prompts = self.round_prompts(round_index)
+        size = self.args.prompts_per_chunk
+        rows: list[dict] = []
+        for chunk_index, start in enumerate(range(0, len(prompts), size)):
+            stored = self.store.chunk(round_index, chunk_index)
+            if stored is None:
+                stored = self._collect_chunk(round_index, chunk_index, prompts[start : start + size])
+            rows += stored
+        if self.args.should_save:
+            self.store.mark_complete(round_index)
+        return rows
+
+    def _collect_chunk(self, round_index: int, chunk_index: int, prompts: list) -> list[dict]:
+        """Each process collects its share of the chunk; the main process stores the whole chunk."""
+        rank, world = self.args.process_index, self.args.world_size
+        seed_everything(derived_seed(self.args.seed, round_index, "collect", chunk_index, rank))
+        rows = self.collect(round_index, prompts[rank::world])
+        for row in rows:
+            row.setdefault("round", round_index)
+        if world > 1:
+            rows = gather_object(rows)
+        if self.args.should_save and rows:
+            self.store.write_chunk(round_index, chunk_index, rows)
+        self.accelerator.wait_for_everyone()
+        return rows
+
+    # ---- helpers for subclasses ------------------------------------------------------------------
+
+    def generate(self, prompts: list, num_samples: int, temperature: float | None = None, model=None):
+        """Sampled completions (token ids kept) from the policy, or from `model` if given."""
+        return sample_completions(
+            self.model_wrapped if model is None else model,
+            self.processing_class,
+            prompts,
+            num_samples,
+            self.args.generation_args(temperature),
+            accelerator=self.accelerator if model is None else None,
+            progress=False,
+        )
+
+    def batch(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        return completion_batch(prompt_ids, completion_ids, self.processing_class.pad_token_id, self.args.device)
+
+    def policy_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`s(y)` under the policy, with gradients. (B,)"""
+        return sequence_logprobs(self.model_wrapped, **batch)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`s(y)` under the reference: the frozen model, or the policy with its adapter disabled. (B,)"""
+        if self.ref_model is not None:
+            return sequence_logprobs(self.ref_model, **batch)
+        with self.accelerator.unwrap_model(self.model_wrapped).disable_adapter():
+            return sequence_logprobs(self.model_wrapped, **batch)
+
+    @torch.no_grad()
+    def frozen_policy_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`s(y)` under the current policy without gradients. (B,)"""
+        return sequence_logprobs(self.model_wrapped, **batch)
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backward, clip, step, schedule; one global step."""
+        self.accelerator.backward(loss)
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.model_wrapped.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+
+    def _prepare_frozen(self, model):
+        model.eval().requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            return prepare_deepspeed(model, self.accelerator)
+        return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def _find_checkpoint(self, resume: str | bool | None) -> str | None:
+        if resume in (None, False):
+            return None
+        if isinstance(resume, str) and resume.lower() not in ("true", "last"):
+            if not Path(resume).is_dir():
+                raise FileNotFoundError(f"resume_from_checkpoint: {resume} is not a folder")
+            return resume
+        found = [p for p in Path(self.args.output_dir).glob("checkpoint-round-*") if CHECKPOINT_PATTERN.match(p.name)]
+        return str(max(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))) if found else None
+
+    def _save_round_checkpoint(self, round_index: int) -> None:
+        """Model, optimizer, scheduler and trainer state, written to a temporary folder then renamed."""
+        final = Path(self.args.output_dir) / f"checkpoint-round-{round_index:05d}"
+        tmp = final.with_name(f".tmp-{final.name}")
+        if self.args.should_save and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.save_model(str(tmp), _internal_call=True)
+        self._save_optimizer_and_scheduler(str(tmp))
+        if self.args.should_save:
+            self.state.save_to_json(str(tmp / "trainer_state.json"))
+            (tmp / "online_round.json").write_text(json.dumps({"round": round_index}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._rotate_round_checkpoints()
+        self.accelerator.wait_for_everyone()
+
+    def _rotate_round_checkpoints(self) -> None:
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        found = sorted(
+            (p for p in Path(self.args.output_dir).glob("checkpoint-round-*") if CHECKPOINT_PATTERN.match(p.name)),
+            key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)),
+        )
+        for old in found[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def swapped_parameters(model, state: dict[str, torch.Tensor]):
+    """Temporarily load `state` (a subset of trainable parameters) into `model`, restoring after."""
+    params = dict(model.named_parameters())
+    saved = {name: params[name].detach().clone() for name in state}
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """A detached copy of the trainable parameters (the LoRA adapter with PEFT: small)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}

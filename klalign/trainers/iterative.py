@@ -1,0 +1,211 @@
+"""Online iterative DPO / RSO with an exploring enhancer: GSHF (Xiong et al., ICML 2024; ALGORITHMS.md section 2).
+
+Round t: the main agent (the current policy) and an enhancer each propose a response per prompt;
+the oracle says which is preferred; the pairs join the feedback store; the policy is trained with
+a preference loss (DPO sigmoid, RSO hinge, ...) on the data so far or on the latest round, from
+its current weights, against the reference (the initial policy, as in the paper, or the previous
+iterate). Enhancers, selected by `enhancer` (see `klalign.enhancers`):
+
+- best_vs_worst: n samples from the main agent, scored by a reward; the best against the worst.
+- temperature: the main agent at its temperature against itself at `enhancer_temperature`.
+- previous_checkpoint: the main agent against the policy of the previous round.
+- rejection_sampling: n samples from the main agent, kept by rejection sampling toward
+  pi_t * exp(r / beta) (RSO), best and worst kept samples.
+- uncertainty: of n samples from the main agent, the pair maximising ||phi1 - phi2||_{Sigma^-1}
+  for a frozen feature map phi (the reference's mean last hidden state), Sigma = lam I + sum of
+  past pairs' outer products.
+
+With a preference oracle a pair's label is drawn from P(a > b); with a reward oracle the higher
+reward wins (ties carry no preference and are dropped).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from klalign.enhancers import ENHANCERS, PairProposal
+from klalign.losses import PREFERENCE_LOSSES, get_preference_loss
+from klalign.online import OnlineConfig, OnlineTrainer
+from klalign.oracles import PreferenceOracle, RewardOracle
+
+
+@dataclass
+class IterativeDPOConfig(OnlineConfig):
+    """GSHF settings (plus OnlineConfig and TrainingArguments)."""
+
+    loss_type: str = field(default="sigmoid", metadata={"help": f"Preference loss, one of {sorted(PREFERENCE_LOSSES)}."})
+    enhancer: str = field(default="best_vs_worst", metadata={"help": f"How the exploring response is chosen: {sorted(ENHANCERS)}."})
+    samples_per_prompt: int = field(
+        default=4, metadata={"help": "Candidates per prompt for best_vs_worst, rejection_sampling and uncertainty."}
+    )
+    enhancer_temperature: float = field(default=1.5, metadata={"help": "Temperature of the 'temperature' enhancer."})
+    reference: str = field(
+        default="initial", metadata={"help": "'initial': pi_0 (the paper); 'previous': the policy at the round's start."}
+    )
+    train_on: str = field(default="all", metadata={"help": "'all' rounds so far, or the 'latest' round only."})
+    epochs_per_round: int = field(default=2, metadata={"help": "Passes over the training pairs each round."})
+    uncertainty_ridge: float = field(default=1.0, metadata={"help": "lam of Sigma = lam I + sum dphi dphi^T."})
+
+    def __post_init__(self):
+        get_preference_loss(self.loss_type)
+        choices = {"enhancer": sorted(ENHANCERS), "reference": ["initial", "previous"], "train_on": ["all", "latest"]}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+        super().__post_init__()
+
+
+class IterativeDPOTrainer(OnlineTrainer):
+    """GSHF: online iterative DPO/RSO with an exploring enhancer (see the module docstring)."""
+
+    oracle_kind = (RewardOracle, PreferenceOracle)
+
+    def __init__(self, model, ref_model=None, args: IterativeDPOConfig | None = None, train_dataset=None,
+                 processing_class=None, oracle=None, peft_config=None, callbacks=None):
+        if not isinstance(args, IterativeDPOConfig):
+            raise TypeError(f"args must be an IterativeDPOConfig, got {type(args).__name__}")
+        enhancer_cls = ENHANCERS[args.enhancer]
+        if enhancer_cls.needs_reward and not isinstance(oracle, RewardOracle):
+            raise TypeError(f"enhancer {args.enhancer!r} ranks n samples and needs a RewardOracle, got "
+                            f"{type(oracle).__name__}")
+        super().__init__(model, ref_model, args, train_dataset, processing_class, oracle, peft_config, callbacks)
+        self.enhancer = enhancer_cls(self)
+        self.preference_loss = get_preference_loss(args.loss_type)
+
+    def steps_per_round(self) -> int:
+        pairs = self.args.prompts_per_round * (self.args.num_rounds if self.args.train_on == "all" else 1)
+        batches = -(-pairs // (self.args.per_device_train_batch_size * self.args.world_size))
+        return self.args.epochs_per_round * batches
+
+    # ---- collect: propose pairs, ask the oracle, keep the labelled pairs ----
+
+    def collect(self, round_index: int, prompts: list) -> list[dict]:
+        proposals = self.enhancer.propose(round_index, prompts)
+        labelled = self._label(proposals)
+        main_kl = self._main_logratios(proposals)
+        # Ties are stored too (everything the oracle answered is kept) and skipped in training.
+        return [self._row(p, a_wins, logratio) for p, a_wins, logratio in zip(proposals, labelled, main_kl)]
+
+    def _label(self, proposals: list[PairProposal]) -> list[bool | None]:
+        """True if `a` is preferred, False if `b`, None for no preference (a reward tie)."""
+        todo = [p for p in proposals if not p.ranked]
+        if todo:
+            texts = [p.prompt for p in todo]
+            a, b = [p.a.text for p in todo], [p.b.text for p in todo]
+            if isinstance(self.oracle, PreferenceOracle):
+                probs = self.oracle.preference(texts, a, b)  # (N,)
+                wins = torch.bernoulli(probs).bool().tolist()
+                for p, prob, win in zip(todo, probs.tolist(), wins):
+                    p.a_preferred, p.preference_prob, p.ranked = win, prob, True
+            else:
+                ra, rb = self.oracle.score(texts, a), self.oracle.score(texts, b)
+                for p, x, y in zip(todo, ra.tolist(), rb.tolist()):
+                    p.reward_a, p.reward_b, p.main_reward = x, y, x  # `a` is the main agent's sample
+                    p.a_preferred, p.ranked = (None if x == y else x > y), True
+                    p.queries = 2
+        return [p.a_preferred for p in proposals]
+
+    @torch.no_grad()
+    def _main_logratios(self, proposals: list[PairProposal]) -> list[float]:
+        """log pi_t(y) - log pi_ref(y) of each main-agent sample: per-round KL estimates (k1, k3)."""
+        mains = [p.main for p in proposals]
+        batch = self.batch([c.prompt_ids for c in mains], [c.completion_ids for c in mains])
+        return (self.frozen_policy_logprobs(batch) - self.reference_logprobs(batch)).tolist()
+
+    @staticmethod
+    def _row(p: PairProposal, a_wins: bool | None, main_logratio: float) -> dict:
+        tie = a_wins is None
+        a_wins = True if tie else a_wins
+        chosen, rejected = (p.a, p.b) if a_wins else (p.b, p.a)
+        return {
+            "tie": tie,
+            "prompt": _prompt_text(p.prompt),
+            "prompt_ids": chosen.prompt_ids,
+            "chosen": chosen.text, "chosen_ids": chosen.completion_ids,
+            "rejected": rejected.text, "rejected_ids": rejected.completion_ids,
+            "chosen_policy": p.policy_a if a_wins else p.policy_b,
+            "rejected_policy": p.policy_b if a_wins else p.policy_a,
+            "preference_prob": None if p.preference_prob is None else (
+                p.preference_prob if a_wins else 1 - p.preference_prob),
+            "chosen_reward": p.reward_a if a_wins else p.reward_b,
+            "rejected_reward": p.reward_b if a_wins else p.reward_a,
+            "main_reward": p.main_reward,
+            "main_logratio": main_logratio,
+            "oracle_queries": p.queries,
+        }
+
+    # ---- update: DPO/RSO epochs on the pairs ----
+
+    def update(self, round_index: int, rows: list[dict]) -> dict[str, float]:
+        train_rows = rows if self.args.train_on == "latest" else self._all_rows(round_index, rows)
+        train_rows = [r for r in train_rows if not r["tie"]][self.args.process_index :: self.args.world_size]
+        ref_logps = self._reference_pair_logps(train_rows)  # (N, 2), fixed for the round
+        size = self.args.per_device_train_batch_size
+        losses, margins, correct = [], [], []
+        for _ in range(self.args.epochs_per_round):
+            order = torch.randperm(len(train_rows)).tolist()
+            for start in range(0, len(order), size):
+                idx = order[start : start + size]
+                loss, margin = self._pair_loss([train_rows[i] for i in idx], ref_logps[idx])
+                self.optimizer_step(loss)
+                losses.append(loss.item())
+                margins += margin.tolist()
+        correct = [m > 0 for m in margins]
+        return self._round_metrics(rows, train_rows, losses, margins, correct)
+
+    def _all_rows(self, round_index: int, rows: list[dict]) -> list[dict]:
+        older = [r for past in range(round_index) for r in self.store.round_rows(past)]
+        return older + rows
+
+    def _pair_batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Chosen rows then rejected rows, (2B, T), like TRL's preference collator."""
+        prompts = [r["prompt_ids"] for r in rows] * 2
+        completions = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        return self.batch(prompts, completions)
+
+    @torch.no_grad()
+    def _reference_pair_logps(self, rows: list[dict]) -> torch.Tensor:
+        """Reference s(y) for every pair, computed once per round. (N, 2): chosen, rejected."""
+        use_previous = self.args.reference == "previous"
+        out = []
+        for start in range(0, len(rows), self.args.per_device_train_batch_size):
+            batch = self._pair_batch(rows[start : start + self.args.per_device_train_batch_size])
+            logps = self.frozen_policy_logprobs(batch) if use_previous else self.reference_logprobs(batch)
+            out.append(torch.stack(logps.chunk(2), dim=1))
+        return torch.cat(out) if out else torch.zeros(0, 2, device=self.args.device)
+
+    def _pair_loss(self, rows: list[dict], ref_logps: torch.Tensor):
+        batch = self._pair_batch(rows)
+        chosen, rejected = self.policy_logprobs(batch).chunk(2)  # (B,) each
+        chosen_ratio, rejected_ratio = chosen - ref_logps[:, 0], rejected - ref_logps[:, 1]
+        lengths = batch["completion_mask"].sum(dim=1).to(chosen.dtype)
+        loss = self.preference_loss(chosen_ratio, rejected_ratio, *lengths.chunk(2), self.args.beta).mean()
+        return loss, (self.args.beta * (chosen_ratio - rejected_ratio)).detach()
+
+    def _round_metrics(self, rows, train_rows, losses, margins, correct) -> dict[str, float]:
+        metrics = {
+            "loss": sum(losses) / max(len(losses), 1),
+            "pairs_collected": sum(not r["tie"] for r in rows),
+            "pairs_trained": len(train_rows),
+            "rewards/margins": sum(margins) / max(len(margins), 1),
+            "rewards/accuracies": sum(correct) / max(len(correct), 1),
+            "oracle_queries": sum(r["oracle_queries"] for r in rows),
+        }
+        logratios = torch.tensor([r["main_logratio"] for r in rows], dtype=torch.float64)
+        if len(logratios):
+            metrics["kl_k1"] = logratios.mean().item()
+            metrics["kl_k3"] = (torch.expm1(-logratios) + logratios).mean().item()
+        rewards = [r["main_reward"] for r in rows if r["main_reward"] is not None]
+        if rewards:
+            metrics["main_reward"] = sum(rewards) / len(rewards)
+        return metrics
+
+
+def _prompt_text(prompt) -> str:
+    """Prompts are stored as text; conversations as their JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt)
