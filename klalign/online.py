@@ -186,10 +186,7 @@ class OnlineTrainer(Trainer):
         size = self.args.prompts_per_chunk
         rows: list[dict] = []
         for chunk_index, start in enumerate(range(0, len(prompts), size)):
-            stored = self.store.chunk(round_index, chunk_index)
-            if stored is None:
-                stored = self._collect_chunk(round_index, chunk_index, prompts[start : start + size])
-            rows += stored
+            rows += self._collect_chunk(round_index, chunk_index, prompts[start : start + size])
         if self.args.should_save:
             self.store.mark_complete(round_index)
         return rows
@@ -197,8 +194,21 @@ class OnlineTrainer(Trainer):
     def _collect_chunk(self, round_index: int, chunk_index: int, prompts: list) -> list[dict]:
         """Each process collects its share of the chunk; the main process stores the whole chunk."""
         rank, world = self.args.process_index, self.args.world_size
+        return self.collected(round_index, chunk_index, lambda: self.collect(round_index, prompts[rank::world]))
+
+    def collected(self, round_index: int, chunk_index: int, collect_fn) -> list[dict]:
+        """The rows of chunk `chunk_index` of a round: from the store if they were collected before,
+        else from `collect_fn()` (run seeded by round and chunk on every process, gathered, stored).
+
+        Trainers whose samples depend on parameters that change within a round (Nash-MP's inner
+        steps) call this inside `update` with chunk indices of their own.
+        """
+        stored = self.store.chunk(round_index, chunk_index)
+        if stored is not None:
+            return stored
+        rank, world = self.args.process_index, self.args.world_size
         seed_everything(derived_seed(self.args.seed, round_index, "collect", chunk_index, rank))
-        rows = self.collect(round_index, prompts[rank::world])
+        rows = collect_fn()
         for row in rows:
             row.setdefault("round", round_index)
         if world > 1:
