@@ -176,7 +176,7 @@ JUDGE_TEMPLATE = (
 class LMJudgePreference(PreferenceOracle):
     """A local causal LM as a pairwise judge.
 
-    P(A > B) is read from the judge's next-token log-probs of " A" and " B" after a comparison
+    P(A > B) is read from the judge's next-token log-probs of " A" and " B" (or "A", "B") after a comparison
     prompt, normalised over the two; the pair is judged in both orders and the two estimates
     averaged, `(p(A | A first) + 1 - p(A | B first)) / 2`, which removes position bias. With a chat
     tokenizer the question is the user turn and the answer starts the assistant turn.
@@ -185,13 +185,15 @@ class LMJudgePreference(PreferenceOracle):
     def __init__(self, model, tokenizer, template: str = JUDGE_TEMPLATE, batch_size: int = 8, name: str = "lm_judge"):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.batch_size, self.name = batch_size, name
-        self.choice_ids = [self._single_token(" A"), self._single_token(" B")]
+        self.choice_ids = [self._single_token(letter) for letter in "AB"]
 
-    def _single_token(self, text: str) -> int:
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        if len(ids) != 1:
-            raise ValueError(f"judge {self.name!r}: {text!r} is {len(ids)} tokens for this tokenizer; it must be one")
-        return ids[0]
+    def _single_token(self, letter: str) -> int:
+        """The answer token: " A" where the tokenizer has it as one token (most BPEs), else "A"."""
+        for text in (f" {letter}", letter):
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            if len(ids) == 1:
+                return ids[0]
+        raise ValueError(f"judge {self.name!r}: neither ' {letter}' nor '{letter}' is one token for this tokenizer")
 
     def _query(self, prompt, a: str, b: str) -> list[int]:
         question = self.template.format(prompt=prompt if isinstance(prompt, str) else prompt[-1]["content"], a=a, b=b)

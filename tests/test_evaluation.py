@@ -1,0 +1,181 @@
+"""`klalign evaluate` on the single-token test bed, where every quantity it estimates is exact."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import run_script
+from klalign import evaluation
+from klalign.data import DataError
+from klalign.evaluation import EvaluationArguments, EvaluationError, evaluate_checkpoints
+from klalign.generation import GenerationArguments
+from klalign.oracles import CallableReward
+from klalign.testbed import SingleTokenBandit, TestbedReward
+from klalign.theory import best_of_n_distribution, best_of_n_kl_estimate_mean, kl, tilted_frontier
+from klalign.tiny import save_tiny_model
+
+BETA = 0.5  # the "trained checkpoint" is the KL-regularised optimum pi_ref exp(r / BETA) / Z
+GENERATION = GenerationArguments(max_new_tokens=2, generation_batch_size=1024)
+
+
+class NeverCalled(CallableReward):
+    """An oracle that fails the test if anything is scored; named like the real one (its name is in the cache key)."""
+
+    def __init__(self):
+        super().__init__(lambda prompts, responses: pytest.fail("the oracle was called"), name="testbed")
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    """Reference and checkpoint folders, a conversational prompt file, the reward oracle."""
+    root = tmp_path_factory.mktemp("bed")
+    bandit = SingleTokenBandit.random(4, 6, seed=0)
+    policy = bandit.optimal_policy(BETA)  # (C, K)
+    bandit.save(root / "ref")
+    SingleTokenBandit(policy, reward=bandit.reward).save(root / "run" / "checkpoint-1")
+    prompts = root / "prompts.jsonl"  # conversations: the test bed's chat template adds BOS, as in training
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p in bandit.prompts))
+    table = TestbedReward(bandit)
+    oracle = CallableReward(lambda ps, rs: table.score([p[-1]["content"] for p in ps], rs), name="testbed")
+    return {"root": root, "bandit": bandit, "policy": policy, "prompts": prompts, "oracle": oracle}
+
+
+def arguments(bed, output, **overrides):
+    fields = dict(
+        checkpoints=[str(bed["root"] / "run")], reference_model_path=str(bed["root"] / "ref"),
+        prompt_dataset_path=str(bed["prompts"]), num_samples=256, best_of_n_max=8,
+        frontier_lambdas=[0.0, 0.5, 1.0, 2.0], output_dir=str(output), logprob_batch_size=256,
+    )
+    return EvaluationArguments(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def report(bed, tmp_path_factory):
+    return evaluate_checkpoints(arguments(bed, tmp_path_factory.mktemp("out")), GENERATION, oracle=bed["oracle"])
+
+
+def test_checkpoint_kl_and_reward_match_the_exact_tables(bed, report):
+    ref, policy, reward = bed["bandit"].ref.numpy(), bed["policy"].numpy(), bed["bandit"].reward.numpy()
+    exact_kl = kl(policy, ref).mean()
+    exact_reward = (policy * reward).sum(-1).mean()
+    [row] = report.checkpoints
+    assert row["name"] == "checkpoint-1" and row["step"] == 1
+    assert exact_kl > 0.3  # far enough from the reference that a wrong log-ratio shows
+    for estimator in ("kl_k1", "kl_k3"):
+        assert 0 < row[f"{estimator}_se"] < 0.05
+        assert abs(row[estimator] - exact_kl) < 3 * row[f"{estimator}_se"], (estimator, row, exact_kl)
+    assert abs(row["reward"] - exact_reward) < 3 * row["reward_se"], (row, exact_reward)
+    assert abs(report.reference["reward"] - (ref * reward).sum(-1).mean()) < 3 * report.reference["reward_se"]
+
+
+def test_best_of_n_curve_matches_the_exact_law(bed, report):
+    ref, reward = bed["bandit"].ref.numpy(), bed["bandit"].reward.numpy()
+    assert [row["n"] for row in report.best_of_n] == [1, 2, 4, 8]
+    for row in report.best_of_n:
+        n = row["n"]
+        exact = (best_of_n_distribution(ref, reward, n) * reward).sum(-1).mean()
+        assert abs(row["reward"] - exact) < 3.5 * row["reward_se"], (row, exact)
+        assert row["kl_bound"] == pytest.approx(np.log(n) - (n - 1) / n)
+        assert 0 <= row["kl_estimate"] <= row["kl_bound"] + 1e-12
+        # eps is exact here (one response per reward level): the estimate is Beirami's estimator's mean
+        assert row["kl_estimate"] == pytest.approx(best_of_n_kl_estimate_mean(ref, reward, n).mean(), abs=0.03)
+    assert report.best_of_n[-1]["reward"] > report.best_of_n[0]["reward"] + 0.5
+
+
+def test_tilted_frontier_matches_the_exact_tilt(bed, report):
+    ref, reward = bed["bandit"].ref.numpy(), bed["bandit"].reward.numpy()
+    for row in report.frontier:
+        exact_reward, exact_kl = tilted_frontier(ref, reward, row["lam"])
+        assert row["reward"] == pytest.approx(exact_reward.mean(), abs=0.04)
+        assert row["kl"] == pytest.approx(exact_kl.mean(), abs=0.04)
+    assert report.frontier[0]["kl"] == 0 and report.frontier[0]["ess"] == 256
+
+
+def test_outputs_are_written_and_a_rerun_samples_nothing(bed, report, monkeypatch):
+    paths = report.paths
+    assert set(paths) == {"csv", "json", "md", "png"}
+    md = open(paths["md"]).read()
+    assert "checkpoint-1" in md and "| 8 |" in md
+    csv_kinds = [line.split(",")[0] for line in open(paths["csv"]).read().splitlines()[1:]]
+    assert csv_kinds.count("checkpoint") == 1 and csv_kinds.count("best_of_n") == 4
+    assert json.loads(open(paths["json"]).read())["checkpoints"][0]["kl_k1"] == report.checkpoints[0]["kl_k1"]
+    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    monkeypatch.setattr(evaluation, "sample_and_score", lambda *a, **k: pytest.fail("sampled on a cached re-run"))
+    output = report.paths["csv"].rsplit("/", 1)[0]
+    again = evaluate_checkpoints(arguments(bed, output), GENERATION, oracle=NeverCalled())
+    assert again.checkpoints == report.checkpoints and again.best_of_n == report.best_of_n
+
+    # a change to the settings is a new cache entry: it samples again
+    with pytest.raises(pytest.fail.Exception, match="sampled"):
+        evaluate_checkpoints(arguments(bed, output, seed=1), GENERATION, oracle=NeverCalled())
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    monkeypatch.setattr(evaluation, "sample_and_score", lambda *a, **k: pytest.fail("sampling started"))
+    monkeypatch.setattr(evaluation, "load_causal_lm", lambda *a, **k: pytest.fail("a policy was loaded"))
+
+
+def test_bad_checkpoint_paths_fail_before_sampling(bed, tmp_path, no_sampling):
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(EvaluationError, match="no-such-run.*does not exist"):
+        evaluate_checkpoints(arguments(bed, tmp_path / "out", checkpoints=[str(missing)]), GENERATION, NeverCalled())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvaluationError, match="empty.*not a model folder"):
+        evaluate_checkpoints(arguments(bed, tmp_path / "out", checkpoints=[str(tmp_path / "empty")]), GENERATION,
+                             NeverCalled())
+    with pytest.raises(EvaluationError, match="no checkpoints"):
+        evaluate_checkpoints(arguments(bed, tmp_path / "out", checkpoints=[]), GENERATION, NeverCalled())
+    assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_tokenizers_fail_before_sampling(bed, tmp_path, no_sampling):
+    other = SingleTokenBandit.random(5, 5, seed=0)  # same vocabulary size, different tokens
+    other.save(tmp_path / "other")
+    with pytest.raises(EvaluationError, match="other.*tokenizer does not match"):
+        evaluate_checkpoints(arguments(bed, tmp_path / "out", checkpoints=[str(tmp_path / "other")]), GENERATION,
+                             NeverCalled())
+
+    renamed = tmp_path / "renamed"  # same model and vocabulary, another EOS token
+    shutil.copytree(bed["root"] / "run" / "checkpoint-1", renamed)
+    tokenizer = AutoTokenizer.from_pretrained(renamed)
+    tokenizer.eos_token = "<unk>"
+    tokenizer.save_pretrained(renamed)
+    with pytest.raises(EvaluationError, match="renamed.*eos_token"):
+        evaluate_checkpoints(arguments(bed, tmp_path / "out", checkpoints=[str(renamed)]), GENERATION, NeverCalled())
+
+
+def test_empty_prompt_set_and_bad_settings_fail_before_sampling(bed, tmp_path, no_sampling):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty.jsonl.*no rows"):
+        evaluate_checkpoints(arguments(bed, tmp_path / "out", prompt_dataset_path=str(empty)), GENERATION,
+                             NeverCalled())
+    with pytest.raises(EvaluationError, match="temperature"):
+        evaluate_checkpoints(arguments(bed, tmp_path / "out"), GenerationArguments(temperature=0.7), NeverCalled())
+    with pytest.raises(EvaluationError, match="best_of_n_max"):
+        arguments(bed, tmp_path / "out", num_samples=4, best_of_n_max=4)
+
+
+def test_cli_evaluates_a_run_folder(tmp_path):
+    run = tmp_path / "run"
+    save_tiny_model("policy", run / "checkpoint-1", seed=1)  # tiny:policy is seed 0: same tokenizer, other weights
+    save_tiny_model("policy", run, seed=2)  # the run's final model
+    out = tmp_path / "eval"
+    proc = run_script(["-m", "klalign.cli", "evaluate", "--config", "configs/tiny/evaluate.yaml",
+                       "--checkpoints", str(run), "--output_dir", str(out), "--max_prompts", "3",
+                       "--num_samples", "3", "--best_of_n_max", "2", "--max_new_tokens", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for kind in ("csv", "json", "md", "png"):
+        assert (out / f"tradeoff.{kind}").stat().st_size > 0
+    names = [row["name"] for row in json.loads((out / "tradeoff.json").read_text())["checkpoints"]]
+    assert names == ["checkpoint-1", "final"]
+    assert "| checkpoint-1 | 1 |" in proc.stdout
+
+    proc = run_script(["-m", "klalign.cli", "evaluate", "--config", "configs/tiny/evaluate.yaml",
+                       "--checkpoints", str(tmp_path / "nowhere"), "--output_dir", str(out)])
+    assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr

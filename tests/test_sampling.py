@@ -1,0 +1,79 @@
+"""RSO's statistical rejection sampler on a single-token task with a known reward.
+
+Candidates are drawn with `generate()` from the test bed's reference model; the acceptance rate
+must match `Z exp(-r_max / beta)` and the accepted samples must follow pi_ref exp(r / beta).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from klalign.generation import GenerationArguments, sample_completions
+from klalign.oracles import CallableReward
+from klalign.sampling import RejectionSamplingArguments, build_rso_dataset, pair_by_reward, rejection_sample
+from klalign.testbed import SingleTokenBandit, TestbedReward
+from klalign.theory import rso_acceptance_rate, tilt
+
+BETA, R_MAX = 0.5, 1.5
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    bandit = SingleTokenBandit.random(num_prompts=1, num_actions=6, seed=3)
+    folder = tmp_path_factory.mktemp("bed")
+    bandit.save(folder)
+    return bandit, AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def test_acceptance_rate_and_accepted_law(bed):
+    bandit, model, tokenizer = bed
+    n = 6000
+    samples = sample_completions(model, tokenizer, bandit.prompts, n, GenerationArguments(max_new_tokens=1),
+                                 seed=0, progress=False)[0]
+    actions = torch.tensor([bandit.action_index(c.text) for c in samples])  # (n,)
+    reward = bandit.reward_table()[0]  # (K,)
+    assert reward.max() <= R_MAX
+    accepted = rejection_sample(reward[actions], BETA, R_MAX, torch.Generator().manual_seed(1))
+
+    expected_rate = rso_acceptance_rate(bandit.ref[0].numpy(), reward.numpy(), BETA, R_MAX)
+    rate = accepted.float().mean().item()
+    assert abs(rate - expected_rate) < 4 * np.sqrt(expected_rate * (1 - expected_rate) / n)
+
+    target = tilt(bandit.ref[0].numpy(), reward.numpy(), BETA)  # (K,)
+    counts = np.bincount(actions[accepted].numpy(), minlength=len(target))
+    assert stats.chisquare(counts, target * counts.sum()).pvalue > 1e-3
+    # The same test rejects the reference law, so it has the power to fail.
+    assert stats.chisquare(counts, bandit.ref[0].numpy() * counts.sum()).pvalue < 1e-6
+
+
+def test_rejection_sample_validates():
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        rejection_sample(torch.zeros(3), 0.0)
+    with pytest.raises(ValueError, match="below a candidate's reward"):
+        rejection_sample(torch.tensor([0.0, 2.0]), 1.0, r_max=1.0)
+    assert rejection_sample(torch.tensor([1.0, 1.0]), 0.1).all()  # r = r_max is always kept
+
+
+def test_pairs_are_labelled_by_reward_and_ties_dropped():
+    pairs = pair_by_reward(["a", "b", "c", "d", "e"], [0.1, 0.9, 0.5, 0.5, 1.0])
+    assert pairs == [("b", "a", 0.9, 0.1)]
+
+
+def test_rso_dataset_is_written_as_it_goes_and_resumes(bed, tmp_path):
+    bandit, model, tokenizer = bed
+    calls = []
+    oracle = TestbedReward(bandit)
+    counting = CallableReward(lambda p, r: (calls.append(len(r)), oracle.score(p, r))[1], name="counting")
+    args = RejectionSamplingArguments(num_candidates=8, sampling_beta=2.0, reward_fn="vader")
+    out = tmp_path / "pairs.jsonl"
+    gen = GenerationArguments(max_new_tokens=1)
+    stats1 = build_rso_dataset(model, tokenizer, bandit.prompts * 3, counting, out, args, gen)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert stats1["prompts"] == 1 and rows and all(r["chosen_reward"] > r["rejected_reward"] for r in rows)
+    calls.clear()
+    stats2 = build_rso_dataset(model, tokenizer, bandit.prompts, counting, out, args, gen)
+    assert stats2["prompts"] == 0 and calls == []  # done prompts are not sampled or scored again
