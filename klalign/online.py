@@ -160,6 +160,8 @@ class OnlineTrainer(Trainer):
         if checkpoint is not None:
             self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
             start_round = int(CHECKPOINT_PATTERN.match(Path(checkpoint).name).group(1)) + 1
+        self.state.is_local_process_zero = self.is_local_process_zero()
+        self.state.is_world_process_zero = self.is_world_process_zero()
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
         metrics: dict[str, float] = {}
         for round_index in range(start_round, self.args.num_rounds):

@@ -111,10 +111,14 @@ def _input_ids(tokenizer, texts: list[str], device) -> torch.Tensor:
 def _fit_lm_head(model: LlamaForCausalLM, bandit: SingleTokenBandit) -> None:
     """Solve lm_head so that the logits at the constrained positions equal their targets.
 
-    At the end of prompt c (exact): log ref[c] on the actions, NON_ACTION_GAP below the least
-    likely action on every other token. After prompt + action (least squares): EOS ahead of every
-    other token by NON_ACTION_GAP. The C rows of one action are near duplicates (same last token)
-    with equal targets, so that fit is truncated where an exact one would blow the weights up.
+    Every token but the K actions and EOS gets an all-zero row, so its logit is 0 whatever the
+    hidden state: training that moves the hidden states (Adam on every weight) cannot raise the
+    off-action mass, and their gradients (~ their probability, e^-20) keep the rows near zero.
+    At the end of prompt c (exact): the actions at log ref[c] shifted to NON_ACTION_GAP above 0,
+    EOS at 0. After prompt + action (least squares, in directions that leave the prompt logits
+    alone): EOS NON_ACTION_GAP above the actions. The C rows of one action are near duplicates
+    (same last token) with equal targets, so that fit is truncated where an exact one would blow
+    the weights up.
     """
     C, K, V = bandit.num_prompts, bandit.num_actions, model.config.vocab_size
     texts = [p + a for p in bandit.prompts for a in bandit.actions]
@@ -123,21 +127,21 @@ def _fit_lm_head(model: LlamaForCausalLM, bandit: SingleTokenBandit) -> None:
     h_prompt = hidden.view(C, K, ids.shape[1], -1)[:, 0, -2]  # (C, h): the action is not seen yet
     h_action = hidden[:, -1]  # (C*K, h)
 
+    rows = list(bandit.action_token_ids) + [bandit.tokenizer.eos_token_id]  # the K + 1 fitted rows
     log_ref = bandit.ref.log()  # (C, K)
-    t_prompt = (log_ref.min(-1, keepdim=True).values - NON_ACTION_GAP).expand(C, V).clone()  # (C, V)
-    t_prompt[:, bandit.action_token_ids] = log_ref
-    t_action = torch.full((C * K, V), -NON_ACTION_GAP, dtype=torch.float64)  # (C*K, V)
-    t_action[:, bandit.tokenizer.eos_token_id] = 0.0
-    # softmax ignores a per-row shift: centre the rows, the smallest targets give the smallest weights
-    t_prompt = t_prompt - t_prompt.mean(-1, keepdim=True)
-    t_action = t_action - t_action.mean(-1, keepdim=True)
+    t_prompt = torch.zeros(C, K + 1, dtype=torch.float64)  # (C, K+1): EOS last, at 0
+    t_prompt[:, :K] = log_ref - log_ref.min(-1, keepdim=True).values + NON_ACTION_GAP
+    t_action = torch.zeros(C * K, K + 1, dtype=torch.float64)  # (C*K, K+1): actions at 0
+    t_action[:, K] = NON_ACTION_GAP
 
     pinv = torch.linalg.pinv(h_prompt)  # (h, C)
-    W = pinv @ t_prompt  # (h, V): the minimum-norm exact fit at the prompts
+    W = pinv @ t_prompt  # (h, K+1): the minimum-norm exact fit at the prompts
     null = torch.eye(W.shape[0], dtype=torch.float64) - pinv @ h_prompt  # (h, h): leaves prompt logits alone
     fit = torch.linalg.lstsq(h_action @ null, t_action - h_action @ W, rcond=1e-3, driver="gelsd")
-    W = W + null @ fit.solution  # (h, V)
-    model.lm_head.weight.copy_(W.T.to(model.lm_head.weight.dtype))
+    W = W + null @ fit.solution  # (h, K+1)
+    weight = torch.zeros(V, W.shape[0], dtype=torch.float64)  # (V, h): zero rows off the actions and EOS
+    weight[rows] = W.T
+    model.lm_head.weight.copy_(weight.to(model.lm_head.weight.dtype))
 
 
 def default_hidden_size(vocab_size: int) -> int:
