@@ -483,8 +483,22 @@ class SingleTokenBandit:
 # ----------------------------------------------------------------------------- oracles
 
 
+def _action_or_none(bandit: SingleTokenBandit, response: str) -> int | None:
+    """The action index of a response, or None for anything else (EOS first, another token)."""
+    try:
+        return bandit.action_index(response)
+    except ValueError:
+        return None
+
+
 class TestbedReward(RewardOracle):
-    """Reward-table lookup, plus optional Gaussian noise (std `noise_std`, seeded) per call."""
+    """Reward-table lookup, plus optional Gaussian noise (std `noise_std`, seeded) per call.
+
+    A response that is not one of the K actions (the policy put a little mass elsewhere, e.g. on
+    EOS, and sampled it) is the worst response: reward min(r[c]) - 1. It is scored rather than
+    refused because a real oracle scores whatever it is given; the exact metrics renormalise
+    over the actions and report the off-action mass.
+    """
 
     __test__ = False  # not a pytest test class despite the name
 
@@ -497,9 +511,11 @@ class TestbedReward(RewardOracle):
 
     def _score(self, prompts, responses):
         c = torch.tensor([self.bandit.prompt_index(p) for p in prompts], dtype=torch.long)
-        k = torch.tensor([self.bandit.action_index(r) for r in responses], dtype=torch.long)
+        k = [_action_or_none(self.bandit, r) for r in responses]
+        worst = self.table.min(-1).values - 1  # (C,)
+        base = torch.stack([self.table[ci, ki] if ki is not None else worst[ci] for ci, ki in zip(c, k)])
         noise = torch.randn(len(c), generator=self.generator, dtype=torch.float64)
-        return self.table[c, k] + self.noise_std * noise
+        return base + self.noise_std * noise
 
 
 class TestbedPreference(PreferenceOracle):
@@ -514,7 +530,11 @@ class TestbedPreference(PreferenceOracle):
         self.bandit = bandit
 
     def _preference(self, prompts, responses_a, responses_b):
+        """A non-action response loses to every action and ties with another non-action."""
         c = [self.bandit.prompt_index(p) for p in prompts]
-        a = [self.bandit.action_index(r) for r in responses_a]
-        b = [self.bandit.action_index(r) for r in responses_b]
-        return self.matrix[c, a, b]
+        a = [_action_or_none(self.bandit, r) for r in responses_a]
+        b = [_action_or_none(self.bandit, r) for r in responses_b]
+        return torch.tensor([
+            0.5 if ai is None and bi is None else 0.0 if ai is None else 1.0 if bi is None else self.matrix[ci, ai, bi]
+            for ci, ai, bi in zip(c, a, b)
+        ], dtype=torch.float64)

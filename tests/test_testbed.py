@@ -168,13 +168,15 @@ def test_intransitive_preferences():
         TestbedReward(bandit)
 
 
-def test_unknown_strings_raise_naming_them(bandit):
+def test_unknown_prompts_raise_and_non_actions_are_the_worst_response(bandit):
     with pytest.raises(ValueError, match="'a99'"):
-        TestbedReward(bandit).score(["prompt 0"], ["a99"])
-    with pytest.raises(ValueError, match="'hello world'"):
-        TestbedPreference(bandit).preference(["prompt 0"], ["a1"], ["hello world"])
+        bandit.action_index("a99")
     with pytest.raises(ValueError, match="'prompt 17'"):
         TestbedReward(bandit).score(["prompt 17"], ["a1"])
+    reward = TestbedReward(bandit).score(["prompt 0"] * 3, ["a99", "", "a1"])
+    assert reward[0] == reward[1] == bandit.reward_table()[0].min() - 1 < reward[2]
+    probs = TestbedPreference(bandit).preference(["prompt 0"] * 3, ["a1", "hello world", ""], ["", "a1", "x"])
+    assert probs.tolist() == [1.0, 0.0, 0.5]
 
 
 @pytest.mark.parametrize("kind", ["bradley_terry", "intransitive"])
