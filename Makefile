@@ -8,7 +8,11 @@ PY := $(VENV)/bin/python
 # torch first, pinned, so pip never swaps in another build. Where the default index would give a
 # CUDA wheel on a CPU-only machine, set TORCH_INDEX_URL to a CPU wheel index.
 TORCH_INSTALL := torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Offline always. One torch thread: the tiny models gain nothing from two, and a 2-thread run slows
+# ~100x when another process holds a core (STACK.md). Override with OMP_NUM_THREADS=2 make ...
+OMP_NUM_THREADS ?= 1
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+	OMP_NUM_THREADS=$(OMP_NUM_THREADS) MKL_NUM_THREADS=$(OMP_NUM_THREADS)
 
 .PHONY: setup quickstart test test-slow test-distributed theory bench clean
 
@@ -27,6 +31,7 @@ setup: $(VENV)/.installed
 quickstart: $(VENV)/.installed
 	$(OFFLINE) $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu.yaml \
 		recipes/dpo.py --config configs/tiny/dpo.yaml
+	$(OFFLINE) $(VENV)/bin/klalign evaluate --config configs/tiny/evaluate.yaml
 
 test: $(VENV)/.installed
 	$(OFFLINE) $(PY) -m pytest -q
@@ -38,7 +43,7 @@ test-distributed: $(VENV)/.installed
 	$(OFFLINE) $(PY) -m pytest -q -m distributed || [ $$? -eq 5 ]
 
 theory: $(VENV)/.installed
-	$(PY) -m klalign.cli theory --out runs/theory
+	$(OFFLINE) $(VENV)/bin/klalign theory --out runs/theory
 
 bench: $(VENV)/.installed
 	$(OFFLINE) $(PY) bench/dpo_vs_trl.py

@@ -3,6 +3,7 @@
 Public API, by topic (each name is documented in the README):
 """
 
+from klalign.best_of_n import BestOfNSampler, distillation_dataset, preference_dataset
 from klalign.config import DataArguments, parse_config, resume_checkpoint
 from klalign.data import (
     DataError,
@@ -31,6 +32,7 @@ from klalign.models import (
     resolve_model_path,
 )
 from klalign.enhancers import ENHANCERS
+from klalign.evaluation import EvaluationArguments, EvaluationError, EvaluationReport, evaluate_checkpoints
 from klalign.feedback import FeedbackStore
 from klalign.online import OnlineConfig, OnlineTrainer
 from klalign.oracles import (
@@ -76,6 +78,7 @@ __all__ = [
     "best_of_n_kl_bound",
     "best_of_n_kl_estimate",
     "best_of_n_win_rate",
+    "BestOfNSampler",
     "BradleyTerryPreference",
     "build_oracle",
     "build_reward_oracle",
@@ -85,10 +88,15 @@ __all__ = [
     "convert_gguf",
     "DataArguments",
     "DataError",
+    "distillation_dataset",
     "dpo_sigmoid_loss",
     "DPOConfig",
     "DPOTrainer",
     "ENHANCERS",
+    "evaluate_checkpoints",
+    "EvaluationArguments",
+    "EvaluationError",
+    "EvaluationReport",
     "exploitability",
     "FeedbackStore",
     "generate_responses",
@@ -119,6 +127,7 @@ __all__ = [
     "OracleArguments",
     "OracleError",
     "parse_config",
+    "preference_dataset",
     "PREFERENCE_LOSSES",
     "PreferenceOracle",
     "read_policy",

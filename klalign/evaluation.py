@@ -43,6 +43,7 @@ from transformers import AutoConfig
 from klalign.best_of_n import best_of_n_curve, level_mass, sample_and_score
 from klalign.config import parse_config
 from klalign.data import DataError, load_prompt_dataset
+from klalign.evaluation_report import markdown_table, write_outputs
 from klalign.generation import GenerationArguments
 from klalign.logprobs import completion_batch, kl_k1, kl_k3, sequence_logprobs
 from klalign.models import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
@@ -353,7 +354,7 @@ def _reward_id(args: EvaluationArguments, oracle: RewardOracle | None) -> str:
     return f"model:{model_digest(Path(resolve_model_path(args.reward_model_path, args.cache_dir)))}"
 
 
-def prepare(args: EvaluationArguments, generation: GenerationArguments, oracle: RewardOracle | None = None) -> _Plan:
+def _prepare(args: EvaluationArguments, generation: GenerationArguments, oracle: RewardOracle | None = None) -> _Plan:
     """Validate everything and compute cache keys; nothing is sampled and no policy weights are loaded."""
     if generation.temperature != 1.0 or generation.top_p != 1.0:
         raise EvaluationError(
@@ -401,10 +402,8 @@ def evaluate_checkpoints(
 
     `oracle` overrides the reward named in `args` (any `RewardOracle`; its `name` enters the cache key).
     """
-    from klalign.evaluation_report import write_outputs
-
     generation = generation or GenerationArguments()
-    plan = prepare(args, generation, oracle)
+    plan = _prepare(args, generation, oracle)
     cache = Path(args.output_dir) / "cache"
     reference = None
 
@@ -455,8 +454,6 @@ def main(argv: list[str] | None = None) -> int:
     except (EvaluationError, DataError, FileNotFoundError) as error:
         print(f"klalign evaluate: error: {error}", file=sys.stderr)
         return 2
-    from klalign.evaluation_report import markdown_table
-
     print(markdown_table(report))
     for kind, path in report.paths.items():
         print(f"{kind:>5}: {path}")

@@ -98,13 +98,20 @@ def plot_tradeoff(report, path: Path) -> None:
     labels: dict[tuple, list[str]] = {}  # identical weights give identical points: one label for them
     for r in rows:
         labels.setdefault((r["kl_k3"], r["reward"]), []).append(r["name"])
-    for xy, names in labels.items():
-        ax.annotate(" = ".join(names), xy, textcoords="offset points", xytext=(5, 5), fontsize=7)
-    ax.set_xlabel("KL(policy || reference) [nats]")
+    for i, (xy, names) in enumerate(labels.items()):  # left of the point, alternately above and below
+        ax.annotate(" = ".join(names), xy, textcoords="offset points", xytext=(-6, 6 if i % 2 == 0 else -12),
+                    ha="right", fontsize=7, color="tab:blue")
+    # A checkpoint far beyond the reach of n reference samples (their curves stop near log n) would
+    # squash both curves against the axis: a symlog axis keeps them readable and the checkpoint on screen.
+    reach = max([r["kl_bound"] for r in bon] + [r["kl"] for r in frontier] + [1e-3])
+    wide = max([r["kl_k3"] for r in rows], default=0.0) > 10 * reach
+    if wide:
+        ax.set_xscale("symlog", linthresh=min(0.1, reach))
+    ax.set_xlabel("KL(policy || reference) [nats]" + (", symlog scale" if wide else ""))
     ax.set_ylabel(f"mean reward ({report.settings['reward']})")
     ax.set_title("Reward vs KL to the reference")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path)
 

@@ -128,6 +128,10 @@ class OnlineTrainer(Trainer):
             raise ValueError("ref_model is required unless the policy is a PEFT model (its disabled adapter is the reference)")
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          callbacks=callbacks)
+        if args.prompts_per_chunk % args.world_size:
+            # Every process must run the same number of forward passes (ZeRO-3 gathers weights in lockstep).
+            raise ValueError(f"prompts_per_chunk ({args.prompts_per_chunk}) must be a multiple of the number of "
+                             f"processes ({args.world_size})")
         self.ref_model = None if ref_model is None else self._prepare_frozen(ref_model)
         self.oracle = oracle
         self.prompts = list(train_dataset["prompt"])
@@ -293,6 +297,7 @@ class OnlineTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self.save_model(str(tmp), _internal_call=True)
         self._save_optimizer_and_scheduler(str(tmp))
+        self.accelerator.wait_for_everyone()  # every process has written its shards before the rename
         if self.args.should_save:
             self.state.save_to_json(str(tmp / "trainer_state.json"))
             (tmp / "online_round.json").write_text(json.dumps({"round": round_index}))

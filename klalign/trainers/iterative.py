@@ -78,6 +78,7 @@ class IterativeDPOTrainer(OnlineTrainer):
         self.preference_loss = get_preference_loss(args.loss_type)
 
     def steps_per_round(self) -> int:
+        """An upper bound (the schedule's length): every round's pairs kept, all rounds trained on."""
         pairs = self.args.prompts_per_round * (self.args.num_rounds if self.args.train_on == "all" else 1)
         batches = -(-pairs // (self.args.per_device_train_batch_size * self.args.world_size))
         return self.args.epochs_per_round * batches
@@ -142,21 +143,32 @@ class IterativeDPOTrainer(OnlineTrainer):
     # ---- update: DPO/RSO epochs on the pairs ----
 
     def update(self, round_index: int, rows: list[dict]) -> dict[str, float]:
+        """`epochs_per_round` passes of minibatch DPO/RSO over the pairs.
+
+        Every process shuffles all pairs the same way (the loop seeds the update identically) and
+        takes its slice of each global batch of `per_device_train_batch_size * world_size` pairs,
+        so the averaged gradient is the global batch's: N processes step like one process with the
+        same global batch.
+        """
         train_rows = rows if self.args.train_on == "latest" else self._all_rows(round_index, rows)
-        train_rows = [r for r in train_rows if not r["tie"]][self.args.process_index :: self.args.world_size]
+        train_rows = [r for r in train_rows if not r["tie"]]
         ref_logps = self._reference_pair_logps(train_rows)  # (N, 2), fixed for the round
-        size = self.args.per_device_train_batch_size
-        losses, margins, correct = [], [], []
+        rank, world = self.args.process_index, self.args.world_size
+        global_batch = self.args.per_device_train_batch_size * world
+        losses, margins = [], []
         for _ in range(self.args.epochs_per_round):
             order = torch.randperm(len(train_rows)).tolist()
-            for start in range(0, len(order), size):
-                idx = order[start : start + size]
-                loss, margin = self._pair_loss([train_rows[i] for i in idx], ref_logps[idx])
+            for start in range(0, len(order) - world + 1, global_batch):  # every process gets >= 1 pair
+                batch = order[start : start + global_batch]
+                idx = batch[rank::world]
+                per_pair, margin = self._pair_loss([train_rows[i] for i in idx], ref_logps[idx])
+                # Sum / global size, times world: gradient averaging over processes gives the
+                # global batch's mean even when the processes hold unequal numbers of pairs.
+                loss = per_pair.sum() * world / len(batch)
                 self.optimizer_step(loss)
-                losses.append(loss.item())
+                losses.append(self.accelerator.reduce(loss.detach(), "mean").item())
                 margins += margin.tolist()
-        correct = [m > 0 for m in margins]
-        return self._round_metrics(rows, train_rows, losses, margins, correct)
+        return self._round_metrics(rows, train_rows, losses, margins)
 
     def _all_rows(self, round_index: int, rows: list[dict]) -> list[dict]:
         older = [r for past in range(round_index) for r in self.store.round_rows(past)]
@@ -184,16 +196,16 @@ class IterativeDPOTrainer(OnlineTrainer):
         chosen, rejected = self.policy_logprobs(batch).chunk(2)  # (B,) each
         chosen_ratio, rejected_ratio = chosen - ref_logps[:, 0], rejected - ref_logps[:, 1]
         lengths = batch["completion_mask"].sum(dim=1).to(chosen.dtype)
-        loss = self.preference_loss(chosen_ratio, rejected_ratio, *lengths.chunk(2), self.args.beta).mean()
-        return loss, (self.args.beta * (chosen_ratio - rejected_ratio)).detach()
+        per_pair = self.preference_loss(chosen_ratio, rejected_ratio, *lengths.chunk(2), self.args.beta)  # (B,)
+        return per_pair, (self.args.beta * (chosen_ratio - rejected_ratio)).detach()
 
-    def _round_metrics(self, rows, train_rows, losses, margins, correct) -> dict[str, float]:
+    def _round_metrics(self, rows, train_rows, losses, margins) -> dict[str, float]:
         metrics = {
             "loss": sum(losses) / max(len(losses), 1),
             "pairs_collected": sum(not r["tie"] for r in rows),
             "pairs_trained": len(train_rows),
             "rewards/margins": sum(margins) / max(len(margins), 1),
-            "rewards/accuracies": sum(correct) / max(len(correct), 1),
+            "rewards/accuracies": sum(m > 0 for m in margins) / max(len(margins), 1),
             "oracle_queries": sum(r["oracle_queries"] for r in rows),
         }
         logratios = torch.tensor([r["main_logratio"] for r in rows], dtype=torch.float64)
