@@ -16,7 +16,8 @@ they finish; a resumed run reuses stored chunks (never re-querying the oracle) a
 only the missing ones with the same seeds. A round's checkpoint (model, optimizer, scheduler,
 trainer state) is written to a temporary folder and renamed, so a killed run resumes from the
 last whole round, re-runs the interrupted update from the same rows and seeds, and ends with the
-same model as an uninterrupted run.
+same model as an uninterrupted run. With `save_every_rounds` > 1 the rounds after the last
+checkpoint are replayed from the store: their updates are recomputed, their feedback is not.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class OnlineConfig(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the policy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]."})
     generation_batch_size: int = field(default=32, metadata={"help": "Sequences per generate() call."})
+    save_every_rounds: int = field(
+        default=1,
+        metadata={"help": "Checkpoint every this many rounds (and after the last). A resumed run replays "
+                          "later rounds from the stored feedback, so a larger value never re-queries the oracle."},
+    )
     feedback_dir: str | None = field(
         default=None, metadata={"help": "Where collected feedback is stored; default: <output_dir>/feedback."}
     )
@@ -74,7 +80,7 @@ class OnlineConfig(TrainingArguments):
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
-        for name in ("num_rounds", "prompts_per_round", "prompts_per_chunk"):
+        for name in ("num_rounds", "prompts_per_round", "prompts_per_chunk", "save_every_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.generation_args()  # validates temperature, top_p, max_new_tokens
@@ -175,7 +181,9 @@ class OnlineTrainer(Trainer):
             metrics = {"round": round_index, **self.update(round_index, rows)}
             self.state.epoch = round_index + 1
             self.log(metrics)
-            self._save_round_checkpoint(round_index)
+            last = round_index == self.args.num_rounds - 1
+            if last or (round_index + 1) % self.args.save_every_rounds == 0:
+                self._save_round_checkpoint(round_index)
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         return TrainOutput(self.state.global_step, metrics.get("loss", 0.0), metrics)
 

@@ -59,6 +59,7 @@ KILLABLE_RUN = textwrap.dedent('''
     from klalign.testbed import SingleTokenBandit, TestbedReward
 
     folder, out, log, kill_at, resume = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+    save_every = int(sys.argv[6])
     bandit = SingleTokenBandit.load(folder)
     inner = BradleyTerryPreference(TestbedReward(bandit))
 
@@ -74,19 +75,22 @@ KILLABLE_RUN = textwrap.dedent('''
             return inner.preference(prompts, a, b)
 
     trainer = make_trainer(folder, out, bandit, Logged(), num_rounds=4, prompts_per_round=16, prompts_per_chunk=8,
-                           learning_rate=1e-3, enhancer_temperature=1.2)
+                           learning_rate=1e-3, enhancer_temperature=1.2, save_every_rounds=save_every)
     trainer.train(resume_from_checkpoint=resume)
 ''')
 
 
-def test_killed_run_resumes_exactly(bed, tmp_path):
+@pytest.mark.parametrize("save_every", [1, 3])
+def test_killed_run_resumes_exactly(save_every, bed, tmp_path):
+    """Killed in round 2; resumed from the round-1 checkpoint (save_every 1) or from scratch
+    (save_every 3: no checkpoint yet, rounds 0-1 replayed from the store)."""
     bandit, folder = bed
     script = tmp_path / "run.py"
     script.write_text(KILLABLE_RUN.format(tests=str(ROOT / "tests")))
 
     def run(name, kill_at, resume):
         return run_script([str(script), str(folder), str(tmp_path / name), str(tmp_path / f"{name}.log"),
-                           str(kill_at), "1" if resume else "0"])
+                           str(kill_at), "1" if resume else "0", str(save_every)])
 
     assert run("straight", 0, False).returncode == 0
     assert run("killed", 6, False).returncode == 137  # calls 1-5 stored (rounds 0-1, round 2 chunk 0)
