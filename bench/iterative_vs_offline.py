@@ -5,7 +5,8 @@
 
 Single-token test bed, Bradley-Terry oracle over a known reward, beta fixed. Offline DPO is
 trained (klalign.DPOTrainer, to convergence) on B uniformly drawn distinct pairs for each budget
-B; iterative DPO (klalign.IterativeDPOTrainer, temperature enhancer) spends 64 queries a round
+B, and on B pairs drawn from pi_ref (what an offline dataset of the reference policy holds);
+iterative DPO (klalign.IterativeDPOTrainer, temperature enhancer) spends 64 queries a round
 and is measured after every round. The table gives KL(pi || pi*) against queries and, per
 method, the queries needed to reach the target (median and range over seeds).
 """
@@ -29,7 +30,7 @@ from klalign.testbed_metrics import TestbedMetricsCallback, exact_metrics  # noq
 BUDGETS = [256, 512, 1024, 2048, 4096, 8192]
 
 
-def offline_kl(bandit, folder, budget, beta, seed) -> float:
+def offline_kl(bandit, folder, budget, beta, seed, sampler=None) -> float:
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(), beta=beta, learning_rate=1e-2, num_train_epochs=max(2, 24000 // budget),
         per_device_train_batch_size=256, lr_scheduler_type="cosine", precompute_ref_log_probs=True, use_cpu=True,
@@ -37,7 +38,7 @@ def offline_kl(bandit, folder, budget, beta, seed) -> float:
     )
     policy = AutoModelForCausalLM.from_pretrained(folder)
     DPOTrainer(model=policy, ref_model=AutoModelForCausalLM.from_pretrained(folder), args=args,
-               train_dataset=bandit.preference_dataset(budget, seed=seed),
+               train_dataset=bandit.preference_dataset(budget, seed=seed, sampler=sampler),
                processing_class=AutoTokenizer.from_pretrained(folder)).train()
     return exact_metrics(read_policy(policy, bandit).numpy(), bandit, beta)["testbed/kl_to_optimum"]
 
@@ -70,34 +71,39 @@ def main():
     parser.add_argument("--target", type=float, default=0.02)
     parser.add_argument("--rounds", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--ref-scale", type=float, default=1.0, help="ref = softmax(ref_scale * N(0,1)): larger is more skewed")
     args = parser.parse_args()
-    reached = {"offline DPO, uniform pairs": [], "iterative DPO (GSHF)": []}
+    reached = {"offline DPO, uniform pairs": [], "offline DPO, pairs from pi_ref": [], "iterative DPO (GSHF)": []}
     rows = []
     for seed in range(args.seeds):
-        bandit = SingleTokenBandit.random(num_prompts=args.prompts, num_actions=args.actions, seed=seed)
+        bandit = SingleTokenBandit.random(num_prompts=args.prompts, num_actions=args.actions, seed=seed,
+                                          ref_scale=args.ref_scale)
         folder = tempfile.mkdtemp()
         bandit.save(folder)
-        offline = [(b, offline_kl(bandit, folder, b, args.beta, seed)) for b in BUDGETS]
+        uniform = [(b, offline_kl(bandit, folder, b, args.beta, seed)) for b in BUDGETS]
+        from_ref = [(b, offline_kl(bandit, folder, b, args.beta, seed, sampler=bandit.ref)) for b in BUDGETS]
         online = iterative_curve(bandit, folder, args.rounds, args.beta, seed)
-        reached["offline DPO, uniform pairs"].append(first_reaching(offline, args.target))
-        reached["iterative DPO (GSHF)"].append(first_reaching(online, args.target))
-        rows.append((seed, offline, {q: v for q, v in online}))
-    print(f"\nSingle-token test bed: {args.prompts} prompts x {args.actions} actions, beta {args.beta}, "
-          f"Bradley-Terry oracle; KL(pi || pi*) by oracle queries")
-    print("| seed | queries | offline DPO (uniform pairs) | iterative DPO |\n|---|---|---|---|")
-    for seed, offline, online in rows:
-        for budget, value in offline:
+        for name, points in zip(reached, (uniform, from_ref, online)):
+            reached[name].append(first_reaching(points, args.target))
+        rows.append((seed, uniform, from_ref, dict(online)))
+    print(f"\nSingle-token test bed: {args.prompts} prompts x {args.actions} actions (ref_scale {args.ref_scale}), "
+          f"beta {args.beta}, Bradley-Terry oracle; KL(pi || pi*) by oracle queries")
+    print("| seed | queries | offline, uniform pairs | offline, pairs from pi_ref | iterative DPO |\n|---|---|---|---|---|")
+    for seed, uniform, from_ref, online in rows:
+        for (budget, value), (_, value_ref) in zip(uniform, from_ref):
             near = min(online, key=lambda q: abs(q - budget))
-            print(f"| {seed} | {budget} | {value:.4f} | {online[near]:.4f} (at {near}) |")
+            print(f"| {seed} | {budget} | {value:.4f} | {value_ref:.4f} | {online[near]:.4f} (at {near}) |")
     print(f"\nQueries to reach KL < {args.target} (median over {args.seeds} seeds; runs: each seed)")
     print("| method | median | runs |\n|---|---|---|")
     for name, values in reached.items():
         found = [v for v in values if v is not None]
         median = statistics.median(found) if len(found) == len(values) else "not reached in all seeds"
         print(f"| {name} | {median} | {values} |")
-    off, on = reached["offline DPO, uniform pairs"], reached["iterative DPO (GSHF)"]
-    if all(v is not None for v in off + on):
-        print(f"\nratio iterative / offline (medians): {statistics.median(on) / statistics.median(off):.2f}")
+    on = reached["iterative DPO (GSHF)"]
+    for name in ("offline DPO, uniform pairs", "offline DPO, pairs from pi_ref"):
+        off = reached[name]
+        if all(v is not None for v in off + on):
+            print(f"ratio iterative / {name} (medians): {statistics.median(on) / statistics.median(off):.2f}")
 
 
 if __name__ == "__main__":
