@@ -24,6 +24,9 @@ from klalign import (
 )
 
 
+CONFIG_TYPES = (ModelArguments, DataArguments, DPOConfig)  # the dataclasses the YAML keys map onto
+
+
 def split_eval(train: Dataset, data_args: DataArguments, seed: int):
     """(train, eval): eval from its own file, a held-out fraction, or none."""
     if data_args.eval_dataset_path:
@@ -35,7 +38,7 @@ def split_eval(train: Dataset, data_args: DataArguments, seed: int):
 
 
 def main():
-    model_args, data_args, training_args = parse_config(ModelArguments, DataArguments, DPOConfig)
+    model_args, data_args, training_args = parse_config(*CONFIG_TYPES)
 
     # 1. Data first: a bad file fails here, in seconds, naming the file, row and field.
     load_preference_dataset(data_args.dataset_path)

@@ -24,10 +24,11 @@ from klalign import (
 )
 
 
+CONFIG_TYPES = (ModelArguments, DataArguments, OracleArguments, IterativeDPOConfig)  # the dataclasses the YAML keys map onto
+
+
 def main():
-    model_args, data_args, oracle_args, training_args = parse_config(
-        ModelArguments, DataArguments, OracleArguments, IterativeDPOConfig
-    )
+    model_args, data_args, oracle_args, training_args = parse_config(*CONFIG_TYPES)
 
     # 1. Prompts first (bad input fails before any model is loaded), then the oracle and the models.
     load_prompt_dataset(data_args.dataset_path)

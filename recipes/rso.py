@@ -31,10 +31,11 @@ from klalign import (
 from klalign.oracles import build_reward_oracle
 
 
+CONFIG_TYPES = (ModelArguments, RejectionSamplingArguments, GenerationArguments, DPOConfig)  # the dataclasses the YAML keys map onto
+
+
 def main():
-    model_args, rso_args, generation_args, training_args = parse_config(
-        ModelArguments, RejectionSamplingArguments, GenerationArguments, DPOConfig
-    )
+    model_args, rso_args, generation_args, training_args = parse_config(*CONFIG_TYPES)
     pairs_path = Path(rso_args.rso_dataset_path or Path(training_args.output_dir) / "rso_pairs.jsonl")
 
     # 1. Prompts and the reward first: bad input fails before any model is loaded.
