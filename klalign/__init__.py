@@ -47,7 +47,19 @@ from klalign.oracles import (
     build_oracle,
     build_reward_oracle,
 )
+from klalign.geometric_mixture import sample_geometric_mixture
 from klalign.reporting import write_summary
+from klalign.reward_learning import (
+    EnsembleReward,
+    FeatureMap,
+    HiddenStateFeatures,
+    LinearReward,
+    RewardLearner,
+    SentenceEmbeddingFeatures,
+    TabularFeatures,
+    build_feature_map,
+    build_reward_learner,
+)
 from klalign.rewards import get_reward_function, vader_sentiment
 from klalign.sampling import RejectionSamplingArguments, build_rso_dataset, rejection_sample
 from klalign.theory import (
@@ -69,6 +81,8 @@ from klalign.theory import (
 )
 from klalign.trainers.dpo import DPOConfig, DPOTrainer
 from klalign.trainers.iterative import IterativeDPOConfig, IterativeDPOTrainer
+from klalign.trainers.nash_mp import NashMPConfig, NashMPTrainer
+from klalign.trainers.optimistic import OptimisticKLConfig, OptimisticKLTrainer
 from klalign.testbed import SingleTokenBandit, TestbedPreference, TestbedReward, read_policy
 
 __version__ = "0.1.0"
@@ -80,7 +94,9 @@ __all__ = [
     "best_of_n_win_rate",
     "BestOfNSampler",
     "BradleyTerryPreference",
+    "build_feature_map",
     "build_oracle",
+    "build_reward_learner",
     "build_reward_oracle",
     "build_rso_dataset",
     "CallableReward",
@@ -93,15 +109,18 @@ __all__ = [
     "DPOConfig",
     "DPOTrainer",
     "ENHANCERS",
+    "EnsembleReward",
     "evaluate_checkpoints",
     "EvaluationArguments",
     "EvaluationError",
     "EvaluationReport",
     "exploitability",
+    "FeatureMap",
     "FeedbackStore",
     "generate_responses",
     "GenerationArguments",
     "get_reward_function",
+    "HiddenStateFeatures",
     "ipo_loss",
     "IterativeDPOConfig",
     "IterativeDPOTrainer",
@@ -110,6 +129,7 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "length_normalized_sigmoid_loss",
+    "LinearReward",
     "LMJudgePreference",
     "load_causal_lm",
     "load_policy_and_reference",
@@ -122,8 +142,12 @@ __all__ = [
     "ModelArguments",
     "nash_md",
     "nash_mirror_prox",
+    "NashMPConfig",
+    "NashMPTrainer",
     "OnlineConfig",
     "OnlineTrainer",
+    "OptimisticKLConfig",
+    "OptimisticKLTrainer",
     "OracleArguments",
     "OracleError",
     "parse_config",
@@ -137,14 +161,18 @@ __all__ = [
     "RejectionSamplingArguments",
     "resolve_model_path",
     "resume_checkpoint",
+    "RewardLearner",
     "RewardModelOracle",
     "RewardOracle",
     "rso_acceptance_rate",
     "rso_hinge_loss",
     "sample_completions",
+    "sample_geometric_mixture",
+    "SentenceEmbeddingFeatures",
     "sequence_logprobs",
     "simulate_kl_ucb",
     "SingleTokenBandit",
+    "TabularFeatures",
     "TestbedPreference",
     "TestbedReward",
     "tilt",

@@ -1,0 +1,292 @@
+"""Optimistic KL-regularised online RLHF (Zhao, Ye, Xiong, Gu, Zhang 2025, paper 000; ALGORITHMS.md section 1).
+
+Paper 000's KL-regularised UCB (ICML 2025, arXiv 2502.07460, Algorithm 1; eta = 1/beta there), round t:
+  1. fit `r_hat` on all feedback so far (least squares, or the preference MLE);
+  2. an uncertainty bonus `b_t` (`gamma * ||phi||_{Sigma_t^-1}` for a linear class);
+  3. the optimistic reward `r_tilde = min(r_max, r_hat + b_t)`;
+  4. play the Gibbs policy `pi_t ∝ pi_ref * exp(r_tilde / beta)`, observe feedback.
+Its regret `sum_t J(pi*) - J(pi_t)` is O(eta * d * log(N T)). An LLM's Gibbs policy cannot be
+sampled, so here the policy network is trained toward it (ALGORITHMS.md section 1, last paragraph).
+
+One round of `OptimisticKLTrainer`:
+
+  collect  k samples per prompt from the current policy; a `RewardOracle` scores each one, a
+           `PreferenceOracle` compares neighbours (i vs i+1 mod k: k queries, every sample in two
+           comparisons; one query when k = 2), labels drawn from its probabilities. Stored with the
+           samples' log-probs under the policy and the reference.
+  update   refit the reward learner (`klalign.reward_learning`) on every stored round, score this
+           round's samples with `r_tilde` (steps 1-3), then policy-gradient steps on
+               J_tilde(pi) = E_{y ~ pi} r_tilde(x, y) - beta * KL(pi || pi_ref),
+           whose maximiser is exactly step 4's Gibbs policy (ALGORITHMS.md section 0).
+
+The gradient is REINFORCE with the leave-one-out baseline over a prompt's k samples (RLOO; Kool et
+al. 2019, Ahmadian et al. 2024): `A_i = R_i - mean_{j != i} R_j = k/(k-1) (R_i - mean_j R_j)`, at
+the sequence level (`s(y)` = summed token log-probs). Where the KL enters (`kl_penalty`):
+
+- `k1_in_reward` (default): `R_i = r_tilde_i - beta * (s(y_i) - s_ref(y_i))`, detached. Since
+  `grad KL(pi || pi_ref) = E_pi[(log pi - log pi_ref) grad log pi]`, this is an unbiased
+  gradient of J_tilde: its fixed point is the Gibbs policy of step 4.
+- `k3_in_loss` (the GRPO form): `R_i = r_tilde_i` and `beta * mean k3(s - s_ref)` added to the
+  loss. On-policy, `E_pi grad k3 = grad KL(pi_ref || pi)`, the forward KL, so its fixed point is
+  close to, not exactly, the Gibbs policy; offered for comparison with GRPO-style pipelines.
+
+What optimism can and cannot do here: an LLM's r_tilde is only evaluated on sampled responses, so
+a response the policy never samples gets no gradient and its probability is not raised the way
+the exact Gibbs policy of step 4 would raise it. The bonus acts once a response has been sampled
+(its shrunk fitted reward is lifted toward r_max, so the policy moves to it before greedy would)
+and keeps rarely sampled responses alive. `bench/optimistic_regret.py` measures the effect against
+the exact regime.
+
+The first optimizer step of a round is the exact on-policy gradient (ratio pi / pi_old = 1); later
+steps on the same samples (more mini-batches or `epochs_per_round` > 1) use PPO's clipped ratio.
+
+Everything the learner sees is rebuilt from the feedback store (features are computed per round,
+cached in memory, recomputed from the stored text on resume; ensemble bootstrap weights are seeded
+by round), so a resumed run refits the same reward and continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from klalign.logprobs import kl_k3
+from klalign.online import OnlineConfig, OnlineTrainer, derived_seed
+from klalign.oracles import PreferenceOracle, RewardOracle
+from klalign.reward_learning import FEATURE_MAPS, REWARD_LEARNERS, FeatureMap, RewardLearner, build_reward_learner
+
+KL_PENALTIES = ("k1_in_reward", "k3_in_loss")
+
+
+@dataclass
+class OptimisticKLConfig(OnlineConfig):
+    """Optimistic KL-regularised RLHF settings (plus OnlineConfig and TrainingArguments).
+
+    `per_device_train_batch_size` counts sequences and must be a multiple of `samples_per_prompt`:
+    a prompt's k samples share one mini-batch (the leave-one-out baseline needs them together).
+    """
+
+    samples_per_prompt: int = field(default=4, metadata={"help": "k: samples per prompt each round (>= 2, RLOO)."})
+    reward_learner: str = field(default="linear", metadata={"help": f"Reward learner: {list(REWARD_LEARNERS)}."})
+    feature_map: str = field(default="minilm", metadata={"help": f"Frozen features phi(x, y): {list(FEATURE_MAPS)}."})
+    gamma: float = field(default=1.0, metadata={"help": "Bonus scale; 0 gives the greedy learner."})
+    ridge: float = field(default=1.0, metadata={"help": "lam of Sigma = lam I + sum phi phi^T (and the L2 penalty)."})
+    r_max: float | None = field(default=1.0, metadata={"help": "Clip r_hat + bonus at r_max (null: no clip)."})
+    ensemble_size: int = field(default=8, metadata={"help": "Heads of the 'ensemble' reward learner."})
+    prior_scale: float = field(default=1.0, metadata={"help": "Ensemble prior std, in units of 1/sqrt(ridge)."})
+    kl_penalty: str = field(default="k1_in_reward", metadata={"help": f"Where the KL enters: {list(KL_PENALTIES)}."})
+    epochs_per_round: int = field(default=1, metadata={"help": "Passes over the round's samples."})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO clip of pi / pi_old on off-policy steps."})
+
+    def __post_init__(self):
+        choices = {"reward_learner": REWARD_LEARNERS, "kl_penalty": KL_PENALTIES, "feature_map": FEATURE_MAPS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be >= 2 (leave-one-out baseline), got {self.samples_per_prompt}")
+        if self.per_device_train_batch_size % self.samples_per_prompt:
+            raise ValueError(f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple "
+                             f"of samples_per_prompt ({self.samples_per_prompt})")
+        if self.gamma < 0 or self.ridge <= 0 or self.clip_range <= 0:
+            raise ValueError(f"need gamma >= 0, ridge > 0, clip_range > 0; "
+                             f"got {self.gamma}, {self.ridge}, {self.clip_range}")
+        if self.ensemble_size < 2 or self.epochs_per_round < 1:
+            raise ValueError(f"need ensemble_size >= 2, epochs_per_round >= 1; got {self.ensemble_size}, "
+                             f"{self.epochs_per_round}")
+        super().__post_init__()
+
+
+@dataclass
+class RoundFeedback:
+    """What the reward learner needs from one stored round (G prompts, k samples each)."""
+
+    phi: torch.Tensor  # (G, k, d) features of every sample
+    rewards: torch.Tensor | None  # (G, k) oracle rewards (reward feedback)
+    pairs: torch.Tensor | None  # (P, 3) long: group, sample a, sample b (preference feedback)
+    a_wins: torch.Tensor | None  # (P,) 1.0 if a was preferred
+    weights: torch.Tensor | None  # (N, H) bootstrap weights per data point (ensemble learner)
+
+    def data(self) -> tuple[torch.Tensor, ...]:
+        """(phi, rewards) or (phi_a, phi_b, a_wins): the learner's inputs from this round."""
+        if self.rewards is not None:
+            return self.phi.flatten(0, 1), self.rewards.flatten()
+        g, a, b = self.pairs.unbind(1)
+        return self.phi[g, a], self.phi[g, b], self.a_wins
+
+
+class OptimisticKLTrainer(OnlineTrainer):
+    """Optimistic KL-regularised online RLHF (see the module docstring).
+
+    `feature_map` is a frozen `phi(prompts, responses) -> (N, d)` (`klalign.reward_learning`).
+    """
+
+    oracle_kind = (RewardOracle, PreferenceOracle)
+
+    def __init__(self, model, ref_model=None, args: OptimisticKLConfig | None = None, train_dataset=None,
+                 processing_class=None, oracle=None, feature_map: FeatureMap | None = None, peft_config=None,
+                 callbacks=None):
+        if not isinstance(args, OptimisticKLConfig):
+            raise TypeError(f"args must be an OptimisticKLConfig, got {type(args).__name__}")
+        if not callable(feature_map) or not isinstance(getattr(feature_map, "dim", None), int):
+            raise TypeError("feature_map must be a FeatureMap: phi(prompts, responses) -> (N, dim), with .dim")
+        super().__init__(model, ref_model, args, train_dataset, processing_class, oracle, peft_config, callbacks)
+        self.feature_map = feature_map
+        self.feedback: dict[int, RoundFeedback] = {}  # per-round learner inputs, rebuilt from the store
+
+    def steps_per_round(self) -> int:
+        prompts = -(-self.args.prompts_per_round // self.args.world_size)
+        batches = -(-prompts * self.args.samples_per_prompt // self.args.per_device_train_batch_size)
+        return self.args.epochs_per_round * batches
+
+    # ---- collect: k samples per prompt, the oracle's feedback, log-probs for the update ----
+
+    def collect(self, round_index: int, prompts: list) -> list[dict]:
+        k = self.args.samples_per_prompt
+        samples = self.generate(prompts, k)  # one list of k Completions per prompt
+        rows = [{"prompt": json.dumps(p), "prompt_ids": group[0].prompt_ids,
+                 "completion_ids": [c.completion_ids for c in group], "responses": [c.text for c in group]}
+                for p, group in zip(prompts, samples)]
+        if isinstance(self.oracle, RewardOracle):
+            self._ask_rewards(prompts, rows)
+        else:
+            self._ask_preferences(prompts, rows)
+        policy, reference = self._sample_logprobs(rows)
+        for row, s, s_ref in zip(rows, policy.tolist(), reference.tolist()):
+            row["logprobs"], row["ref_logprobs"] = s, s_ref
+        return rows
+
+    def _ask_rewards(self, prompts: list, rows: list[dict]) -> None:
+        k = self.args.samples_per_prompt
+        flat_prompts = [p for p in prompts for _ in range(k)]
+        rewards = self.oracle.score(flat_prompts, [r for row in rows for r in row["responses"]]).view(-1, k)
+        for row, r in zip(rows, rewards.tolist()):
+            row.update(rewards=r, pairs=None, preference_probs=None, a_wins=None, oracle_queries=k)
+
+    def _ask_preferences(self, prompts: list, rows: list[dict]) -> None:
+        k = self.args.samples_per_prompt
+        pairs = [(0, 1)] if k == 2 else [(i, (i + 1) % k) for i in range(k)]
+        flat_prompts = [p for p in prompts for _ in pairs]
+        a = [row["responses"][i] for row in rows for i, _ in pairs]
+        b = [row["responses"][j] for row in rows for _, j in pairs]
+        probs = self.oracle.preference(flat_prompts, a, b).view(len(rows), len(pairs))  # (G, P)
+        wins = torch.bernoulli(probs)  # seeded by the online loop per (round, chunk)
+        for row, p, w in zip(rows, probs.tolist(), wins.tolist()):
+            row.update(rewards=None, pairs=[list(pair) for pair in pairs], preference_probs=p, a_wins=w,
+                       oracle_queries=len(pairs))
+
+    @torch.no_grad()
+    def _sample_logprobs(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """s(y) under the policy (pi_old of the update) and the reference, every sample. (G, k) each"""
+        policy, reference = [], []
+        size = self.args.per_device_train_batch_size // self.args.samples_per_prompt  # prompts per batch
+        for start in range(0, len(rows), size):
+            batch = self._sample_batch(rows[start : start + size])
+            policy.append(self.frozen_policy_logprobs(batch).double().cpu())
+            reference.append(self.reference_logprobs(batch).double().cpu())
+        k = self.args.samples_per_prompt
+        return torch.cat(policy).view(-1, k), torch.cat(reference).view(-1, k)
+
+    def _sample_batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Every sample of the rows' prompts, prompt by prompt: (G * k, T)."""
+        prompt_ids = [row["prompt_ids"] for row in rows for _ in row["completion_ids"]]
+        return self.batch(prompt_ids, [c for row in rows for c in row["completion_ids"]])
+
+    # ---- the reward learner: refit on every stored round ----
+
+    def round_feedback(self, round_index: int, rows: list[dict] | None = None) -> RoundFeedback:
+        """Features, feedback and bootstrap weights of one round (its rows, or the stored ones), cached."""
+        if round_index in self.feedback:
+            return self.feedback[round_index]
+        rows = self.store.round_rows(round_index) if rows is None else rows
+        k = self.args.samples_per_prompt
+        prompts = [json.loads(row["prompt"]) for row in rows for _ in range(k)]
+        phi = self.feature_map(prompts, [r for row in rows for r in row["responses"]])  # (G * k, d)
+        phi = torch.as_tensor(phi, dtype=torch.float64).view(len(rows), k, -1)  # (G, k, d)
+        if rows[0]["rewards"] is not None:
+            rewards = torch.tensor([row["rewards"] for row in rows], dtype=torch.float64)  # (G, k)
+            pairs = a_wins = None
+            num_points = rewards.numel()
+        else:
+            rewards = None
+            pairs = torch.tensor([[g, a, b] for g, row in enumerate(rows) for a, b in row["pairs"]])  # (P, 3)
+            a_wins = torch.tensor([w for row in rows for w in row["a_wins"]], dtype=torch.float64)  # (P,)
+            num_points = len(a_wins)
+        weights = None
+        if self.args.reward_learner == "ensemble":  # the online bootstrap: Poisson(1) per point and head
+            g = torch.Generator().manual_seed(derived_seed(self.args.seed, round_index, "bootstrap"))
+            weights = torch.poisson(torch.ones(num_points, self.args.ensemble_size, dtype=torch.float64), generator=g)
+        self.feedback[round_index] = RoundFeedback(phi, rewards, pairs, a_wins, weights)
+        return self.feedback[round_index]
+
+    def fit_reward(self, round_index: int, rows: list[dict]) -> RewardLearner:
+        """The learner fitted on rounds 0..round_index (this round's `rows` included), from scratch."""
+        rounds = [self.round_feedback(r) for r in range(round_index)] + [self.round_feedback(round_index, rows)]
+        args = self.args
+        learner = build_reward_learner(args.reward_learner, self.feature_map.dim, ridge=args.ridge, gamma=args.gamma,
+                                       r_max=args.r_max, num_heads=args.ensemble_size,
+                                       prior_scale=args.prior_scale, seed=args.seed)
+        data = [torch.cat(parts) for parts in zip(*(f.data() for f in rounds))]
+        weights = torch.cat([f.weights for f in rounds]) if args.reward_learner == "ensemble" else None
+        if rounds[0].rewards is not None:
+            return learner.fit(*data, weights=weights)
+        return learner.fit_preferences(*data, weights=weights)
+
+    # ---- update: RLOO toward the Gibbs policy of r_tilde ----
+
+    def update(self, round_index: int, rows: list[dict]) -> dict[str, float]:
+        args, k = self.args, self.args.samples_per_prompt
+        learner = self.fit_reward(round_index, rows)
+        phi = self.feedback[round_index].phi.flatten(0, 1)  # (G * k, d)
+        r_hat, bonus, r_tilde = (x.view(-1, k) for x in (learner.predict(phi), learner.bonus(phi),
+                                                         learner.optimistic(phi)))  # (G, k) each
+        old = torch.tensor([row["logprobs"] for row in rows], dtype=torch.float64)  # (G, k) s(y) under pi_old
+        ref = torch.tensor([row["ref_logprobs"] for row in rows], dtype=torch.float64)  # (G, k)
+        shaped = r_tilde - args.beta * (old - ref) if args.kl_penalty == "k1_in_reward" else r_tilde
+        advantages = k / (k - 1) * (shaped - shaped.mean(1, keepdim=True))  # (G, k) R_i - mean_{j!=i} R_j
+
+        mine = torch.arange(args.process_index, len(rows), args.world_size)  # this process's prompts
+        size = args.per_device_train_batch_size // k  # prompts per mini-batch
+        losses, clipped = [], []
+        for _ in range(args.epochs_per_round):
+            order = mine[torch.randperm(len(mine))]
+            for start in range(0, len(order), size):
+                idx = order[start : start + size]
+                loss, clip_fraction = self._policy_loss([rows[i] for i in idx], advantages[idx], old[idx], ref[idx])
+                self.optimizer_step(loss)
+                losses.append(loss.item())
+                clipped.append(clip_fraction)
+        return self._round_metrics(rows, r_hat, bonus, r_tilde, old - ref, losses, clipped)
+
+    def _policy_loss(self, rows: list[dict], advantages, old, ref) -> tuple[torch.Tensor, float]:
+        """Clipped-ratio RLOO loss (+ beta * k3 with `k3_in_loss`) of B prompts' samples; (B, k) inputs."""
+        device, k = self.args.device, self.args.samples_per_prompt
+        logps = self.policy_logprobs(self._sample_batch(rows)).view(-1, k)  # (B, k) with gradients
+        advantages, old, ref = (x.to(device=device, dtype=logps.dtype) for x in (advantages, old, ref))
+        ratio = torch.exp(logps - old)  # 1 on a round's first step: the exact policy gradient
+        clipped_ratio = ratio.clamp(1 - self.args.clip_range, 1 + self.args.clip_range)
+        loss = -torch.min(ratio * advantages, clipped_ratio * advantages).mean()
+        if self.args.kl_penalty == "k3_in_loss":
+            loss = loss + self.args.beta * kl_k3(logps - ref).mean()
+        clip_fraction = ((ratio - 1).abs() > self.args.clip_range).float().mean().item()
+        return loss, clip_fraction
+
+    def _round_metrics(self, rows, r_hat, bonus, r_tilde, logratio, losses, clipped) -> dict[str, float]:
+        """Means over the round's samples: the learner's rewards, the oracle's, KL of the sampling policy."""
+        metrics = {
+            "loss": sum(losses) / max(len(losses), 1),
+            "reward_optimistic": r_tilde.mean().item(),
+            "reward_fitted": r_hat.mean().item(),
+            "bonus": bonus.mean().item(),
+            "kl_k1": logratio.mean().item(),
+            "kl_k3": kl_k3(logratio).mean().item(),
+            "clip_fraction": sum(clipped) / max(len(clipped), 1),
+            "oracle_queries": sum(row["oracle_queries"] for row in rows),
+            "feedback_points": sum(len(f.data()[-1]) for f in self.feedback.values()),
+        }
+        if rows[0]["rewards"] is not None:
+            rewards = [r for row in rows for r in row["rewards"]]
+            metrics["oracle_reward"] = sum(rewards) / len(rewards)
+        return metrics

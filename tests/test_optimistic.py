@@ -1,0 +1,217 @@
+"""OptimisticKLTrainer on the single-token test bed (exact regret), resume, and the recipe end to end."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import PrinterCallback
+
+from conftest import run_script
+from klalign.oracles import BradleyTerryPreference
+from klalign.reward_learning import TabularFeatures
+from klalign.testbed import SingleTokenBandit, TestbedReward, read_policy
+from klalign.testbed_metrics import TestbedMetricsCallback, exact_metrics
+from klalign.trainers.optimistic import OptimisticKLConfig, OptimisticKLTrainer
+
+BETA = 0.1
+
+
+def linear_bandit(seed: int = 0) -> SingleTokenBandit:
+    """A random 3-prompt, 6-action test bed with one-hot (tabular) linear features."""
+    base = SingleTokenBandit.random(num_prompts=3, num_actions=6, seed=seed)
+    features = torch.eye(18, dtype=torch.float64).view(3, 6, 18)
+    return SingleTokenBandit(base.ref, features=features, theta=0.3 * base.reward.flatten())
+
+
+def make_trainer(bandit, output_dir, gamma=0.5, rounds=10, seed=0, oracle=None, samples=8, **overrides):
+    """The trainer on the test bed: tabular features, one round = every prompt x `samples` samples.
+
+    The policy trains its output layer only: the hidden states at the prompts are then fixed,
+    nearly orthogonal features and the policy a softmax over them (full fine-tuning with Adam moves
+    the hidden states that the test bed's output layer was solved on, and mass leaks to EOS).
+    """
+    policy, reference = bandit.build_model(seed=0), bandit.build_model(seed=0)
+    policy.requires_grad_(False)
+    policy.lm_head.requires_grad_(True)
+    settings = dict(
+        output_dir=str(output_dir), beta=BETA, num_rounds=rounds, prompts_per_round=bandit.num_prompts,
+        prompts_per_chunk=bandit.num_prompts, samples_per_prompt=samples,
+        per_device_train_batch_size=bandit.num_prompts * samples, max_new_tokens=1, generation_batch_size=256,
+        learning_rate=0.01, lr_scheduler_type="constant", gamma=gamma, ridge=1.0, r_max=1.0, seed=seed,
+        use_cpu=True, bf16=False, report_to="none", save_total_limit=1, disable_tqdm=True,
+    )
+    metrics = TestbedMetricsCallback(bandit, BETA)
+    trainer = OptimisticKLTrainer(
+        model=policy, ref_model=reference, args=OptimisticKLConfig(**{**settings, **overrides}),
+        train_dataset=bandit.prompt_dataset(), processing_class=bandit.tokenizer,
+        oracle=oracle or TestbedReward(bandit, noise_std=0.3, seed=seed),
+        feature_map=TabularFeatures(bandit.features, bandit.prompts, bandit.actions), callbacks=[metrics],
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer, metrics
+
+
+def played_regret(bandit, metrics) -> np.ndarray:
+    """Exact regret of the policies that collected rounds 0..T-1: pi_ref, then the policy after each round. (T,)"""
+    first = exact_metrics(bandit.ref.numpy(), bandit, BETA)["testbed/regret"]
+    return np.array([first] + [h["testbed/regret"] for h in metrics.history[:-1]])
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(samples_per_prompt=1, per_device_train_batch_size=4), "samples_per_prompt"),
+    (dict(samples_per_prompt=4, per_device_train_batch_size=6), "multiple"),
+    (dict(kl_penalty="k2"), "kl_penalty"),
+    (dict(reward_learner="gp"), "reward_learner"),
+    (dict(feature_map="clip"), "feature_map"),
+    (dict(gamma=-1.0), "gamma"),
+])
+def test_config_rejects_bad_settings(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        OptimisticKLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **bad)
+
+
+def test_trainer_needs_a_feature_map(tmp_path):
+    bandit = linear_bandit()
+    with pytest.raises(TypeError, match="feature_map"):
+        OptimisticKLTrainer(model=bandit.build_model(), ref_model=bandit.build_model(),
+                            args=OptimisticKLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                                    per_device_train_batch_size=8),
+                            train_dataset=bandit.prompt_dataset(), processing_class=bandit.tokenizer,
+                            oracle=TestbedReward(bandit))
+
+
+# ----------------------------------------------------------------------------- the test bed
+
+
+def test_lands_on_the_tilted_optimum(tmp_path):
+    """Known-support instance, noiseless reward: the policy approaches pi_ref * exp(r / beta) / Z."""
+    bandit = linear_bandit()
+    trainer, metrics = make_trainer(bandit, tmp_path, gamma=0.5, rounds=60,
+                                    oracle=TestbedReward(bandit, noise_std=0.0))
+    trainer.train()
+    final = metrics.history[-1]
+    assert final["testbed/kl_to_optimum"] < 0.05, final
+    assert final["testbed/off_action_mass"] < 1e-6
+    logged = [h for h in trainer.state.log_history if "round" in h]
+    assert len(logged) == 60
+    for key in ("reward_optimistic", "reward_fitted", "bonus", "oracle_reward", "kl_k1", "kl_k3", "loss"):
+        assert all(math.isfinite(h[key]) for h in logged), key
+    assert logged[-1]["bonus"] < logged[0]["bonus"]  # the bonus shrinks as the data grows
+    assert all(h["reward_optimistic"] >= h["reward_fitted"] - 1e-12 for h in logged)
+
+
+def underexplored() -> SingleTokenBandit:
+    """The bench's instance (bench/optimistic_regret.py): 4 prompts x 10 actions, one-hot features;
+    each prompt's best action (reward 1; the others U(0, 0.5)) has reference mass e^-5, so greedy
+    samples it rarely and learns its value slowly; at e^-6 neither learner samples it within 300
+    rounds in most prompts (an LLM's optimism acts on sampled responses only)."""
+    return SingleTokenBandit.underexplored(num_prompts=4, num_actions=10, seed=0, best_mass=math.exp(-5))
+
+
+def test_optimism_beats_greedy_where_the_reference_underexplores(tmp_path):
+    """Seed 0, 100 rounds, lr 0.01, one step a round (the bench's grid point): 10.1 against 17.4 measured."""
+    bandit = underexplored()
+    regret = {}
+    for gamma in (0.0, 0.5):
+        trainer, metrics = make_trainer(bandit, tmp_path / f"gamma-{gamma}", gamma=gamma, rounds=100, seed=0)
+        trainer.train()
+        regret[gamma] = played_regret(bandit, metrics)
+    assert regret[0.5].sum() < 0.75 * regret[0.0].sum(), (regret[0.5].sum(), regret[0.0].sum())
+
+
+@pytest.mark.slow
+def test_regret_goals_over_three_seeds(tmp_path):
+    """The issue's goals at T = 300, seeds 0-2, both learners at lr 0.01 and one step a round: optimism's
+    cumulative regret at most half of greedy's (measured 0.47 on each seed), its per-round regret
+    keeps falling (block means of 50 rounds: each at most 10% above the one before, where the tail
+    flattens at the bonus's floor of ~0.003, and the last under 5% of the first), and its final
+    policy within KL 0.05 of pi*."""
+    bandit = underexplored()
+    ratios = []
+    for seed in range(3):
+        regret = {}
+        for gamma in (0.0, 0.5):
+            trainer, metrics = make_trainer(bandit, tmp_path / f"{gamma}-{seed}", gamma=gamma, rounds=300, seed=seed)
+            trainer.train()
+            regret[gamma] = played_regret(bandit, metrics)
+        ratios.append(regret[0.5].sum() / regret[0.0].sum())
+        blocks = regret[0.5].reshape(6, 50).mean(1)  # (6,) mean per-round regret of rounds 0-49, 50-99, ...
+        assert (np.diff(blocks) <= 0.1 * blocks[:-1]).all() and blocks[-1] < 0.05 * blocks[0], blocks
+        assert metrics.history[-1]["testbed/kl_to_optimum"] < 0.05
+    assert max(ratios) < 0.55 and np.median(ratios) <= 0.5, ratios
+
+
+@pytest.mark.parametrize("feedback, learner, kl_penalty", [
+    ("preference", "linear", "k1_in_reward"),
+    ("reward", "ensemble", "k3_in_loss"),
+])
+def test_preference_feedback_ensemble_and_k3_learn(tmp_path, feedback, learner, kl_penalty):
+    bandit = linear_bandit(seed=1)
+    oracle = BradleyTerryPreference(TestbedReward(bandit), temperature=0.1) if feedback == "preference" else None
+    trainer, metrics = make_trainer(bandit, tmp_path, rounds=25, oracle=oracle, reward_learner=learner,
+                                    kl_penalty=kl_penalty, ensemble_size=4)
+    trainer.train()
+    rows = trainer.store.round_rows(0)
+    if feedback == "preference":  # neighbours i vs i+1 mod k: k comparisons a prompt
+        assert rows[0]["rewards"] is None and len(rows[0]["pairs"]) == len(rows[0]["a_wins"]) == 8
+        assert all(h["oracle_queries"] == 3 * 8 for h in trainer.state.log_history if "round" in h)
+    regret = played_regret(bandit, metrics)
+    assert regret[-5:].mean() < 0.5 * regret[0], regret
+
+
+def test_resume_is_exact(tmp_path):
+    """Killed after round 2's feedback was stored but before its checkpoint, then resumed: round 2
+    is replayed from the store (no new oracle query), the reward refitted from the stored rows, and
+    the run ends where an uninterrupted one does.
+
+    The oracle is noiseless: `TestbedReward`'s noise comes from one generator advanced call by call,
+    so a restarted process would draw other noise (a deterministic oracle, like VADER, has no such state).
+    """
+    bandit = linear_bandit(seed=2)
+    setup = dict(reward_learner="ensemble", ensemble_size=4, oracle=TestbedReward(bandit), save_total_limit=2)
+    straight, _ = make_trainer(bandit, tmp_path / "straight", rounds=4, **setup)
+    straight.train()
+    first, _ = make_trainer(bandit, tmp_path / "resumed", rounds=3, **setup)
+    first.train()
+    shutil.rmtree(tmp_path / "resumed" / "checkpoint-round-00002")  # the kill
+    stored = tmp_path / "resumed" / "feedback" / "round-00002" / "part-00000.parquet"
+    written = stored.stat().st_mtime_ns
+    resumed, _ = make_trainer(bandit, tmp_path / "resumed", rounds=4, **setup)
+    resumed.train(resume_from_checkpoint=True)
+    assert stored.stat().st_mtime_ns == written  # replayed from the store, not collected again
+    assert resumed.state.global_step == straight.state.global_step == 4
+    for r in range(4):
+        assert resumed.store.round_rows(r) == straight.store.round_rows(r)
+    torch.testing.assert_close(read_policy(resumed.model, bandit), read_policy(straight.model, bandit), rtol=0, atol=0)
+    logged = [h for h in resumed.state.log_history if "round" in h]
+    assert [h["round"] for h in logged] == [0, 1, 2, 3]  # round 2 logged once, by the replay
+    expected = [h for h in straight.state.log_history if "round" in h]
+    assert [h["reward_optimistic"] for h in logged] == [h["reward_optimistic"] for h in expected]
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def test_recipe_runs_two_rounds_writes_the_summary_and_resumes(tmp_path):
+    common = ["recipes/optimistic_kl.py", "--config", "configs/tiny/optimistic_kl.yaml", "--output_dir",
+              str(tmp_path / "run"), "--prompts_per_round", "8", "--prompts_per_chunk", "8", "--max_new_tokens", "8"]
+    proc = run_script([*common, "--num_rounds", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
+    for r in (0, 1):
+        assert summary[f"round {r} oracle_queries"] == 8 * 4
+        assert summary[f"round {r} bonus"] > 0 and math.isfinite(summary[f"round {r} oracle_reward"])
+    assert "Optimistic KL-regularised RLHF" in proc.stdout
+
+    proc = run_script([*common, "--num_rounds", "3", "--resume_from_checkpoint", "true"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
+    assert "round 2 reward_optimistic" in summary
+    state = json.loads((tmp_path / "run" / "checkpoint-round-00002" / "trainer_state.json").read_text())
+    assert [h["round"] for h in state["log_history"] if "round" in h] == [0, 1, 2]
