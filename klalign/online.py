@@ -129,6 +129,7 @@ class OnlineTrainer(Trainer):
         if peft_config is not None:
             from peft import get_peft_model
 
+            seed_everything(derived_seed(args.seed, "adapter init"))  # the same adapter in every process and run
             model = get_peft_model(model, peft_config)
         if ref_model is None and not is_peft_model(model):
             raise ValueError("ref_model is required unless the policy is a PEFT model (its disabled adapter is the reference)")

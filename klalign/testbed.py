@@ -492,7 +492,7 @@ def _action_or_none(bandit: SingleTokenBandit, response: str) -> int | None:
 
 
 class TestbedReward(RewardOracle):
-    """Reward-table lookup, plus optional Gaussian noise (std `noise_std`, seeded) per call.
+    """Reward-table lookup, plus optional Gaussian noise (std `noise_std`) per call.
 
     A response that is not one of the K actions (the policy put a little mass elsewhere, e.g. on
     EOS, and sampled it) is the worst response: reward min(r[c]) - 1. It is scored rather than
@@ -502,11 +502,13 @@ class TestbedReward(RewardOracle):
 
     __test__ = False  # not a pytest test class despite the name
 
-    def __init__(self, bandit: SingleTokenBandit, noise_std: float = 0.0, seed: int = 0):
+    def __init__(self, bandit: SingleTokenBandit, noise_std: float = 0.0, seed: int | None = None):
         self.table = bandit.reward_table()
         self.bandit = bandit
         self.noise_std = noise_std
-        self.generator = torch.Generator().manual_seed(seed)
+        # seed None: noise from torch's global generator, which the online loop seeds per round and
+        # chunk, so a resumed run draws the same noise; a seed gives a private, call-ordered stream.
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.name = "testbed_reward" if noise_std == 0 else f"testbed_reward(noise={noise_std})"
 
     def _score(self, prompts, responses):

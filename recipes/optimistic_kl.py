@@ -13,7 +13,10 @@ command with `--resume_from_checkpoint true`: stored feedback is reused, the las
 from klalign import (
     DataArguments,
     ModelArguments,
+    OptimisticKLConfig,
+    OptimisticKLTrainer,
     OracleArguments,
+    build_feature_map,
     build_oracle,
     load_causal_lm,
     load_policy_and_reference,
@@ -23,8 +26,6 @@ from klalign import (
     parse_config,
     write_summary,
 )
-from klalign.reward_learning import build_feature_map
-from klalign.trainers.optimistic import OptimisticKLConfig, OptimisticKLTrainer
 
 CONFIG_TYPES = (ModelArguments, DataArguments, OracleArguments, OptimisticKLConfig)  # the YAML keys map onto these
 
