@@ -16,6 +16,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-thread torch is erratic when anything else runs (STACK.md)
 
 import torch  # noqa: E402
 import trl  # noqa: E402
@@ -52,7 +53,6 @@ def main():
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = build_tokenizer()
     data = Dataset.from_list(positivity_preferences(args.steps * args.batch_size, seed=0))
     runs = {

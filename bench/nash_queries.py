@@ -1,7 +1,7 @@
 """Exploitability against preference queries: Nash-MP, mirror descent and Nash-MD on one game.
 
-    python bench/nash_queries.py                      # the grid below, 3 seeds (about 30 min of CPU time)
-    python bench/nash_queries.py --jobs 4 --seeds 5   # more seeds, 4 processes
+    python bench/nash_queries.py                      # the grid below, 3 seeds (~20 min of CPU time)
+    python bench/nash_queries.py --jobs 2 --samples-per-prompt 64 --max-queries 24576   # less noise
     python bench/nash_queries.py --quick              # one grid point per method, 1 seed (a smoke run)
 
 The single-token test bed (ALGORITHMS.md, "The single-token test bed") with an intransitive

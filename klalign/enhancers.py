@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from klalign.generation import Completion
-from klalign.online import swapped_parameters, trainable_state
+from klalign.online import swapped, take_snapshot
 from klalign.sampling import rejection_sample
 
 
@@ -125,12 +125,12 @@ class PreviousCheckpoint(Enhancer):
         if self.args.should_save and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous().cpu() for k, v in trainable_state(model).items()}, str(tmp))
+            save_file({k: v.contiguous().cpu() for k, v in take_snapshot(model).items()}, str(tmp))
             tmp.replace(path)
         self.trainer.accelerator.wait_for_everyone()
         main = self.trainer.generate(prompts, 1)
         previous = load_file(str(self._snapshot_path(max(round_index - 1, 0))), device=str(self.args.device))
-        with swapped_parameters(model, previous):
+        with swapped(model, previous):
             explore = self.trainer.generate(prompts, 1, model=model)
         stale = self._snapshot_path(round_index - 2)
         if self.args.should_save and stale.exists():

@@ -53,6 +53,7 @@ class FeedbackStore:
         return path
 
     def mark_complete(self, round_index: int) -> None:
+        self._round_dir(round_index).mkdir(parents=True, exist_ok=True)  # a round may have collected nothing
         (self._round_dir(round_index) / "COMPLETE").touch()
 
     def is_complete(self, round_index: int) -> bool:

@@ -328,22 +328,46 @@ class OnlineTrainer(Trainer):
             shutil.rmtree(old, ignore_errors=True)
 
 
+# ---- snapshots of the trainable parameters (ZeRO-3 aware: gathered while copied) ----
+
+
+def _trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _gathered(model, modify: bool):
+    """Full values of ZeRO-3-partitioned parameters inside the block; a no-op without ZeRO-3."""
+    params = _trainable(model)
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def take_snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of the trainable parameters (the LoRA adapter with PEFT, all weights otherwise)."""
+    with _gathered(model, modify=False):
+        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_snapshot(model, state: dict[str, torch.Tensor]) -> None:
+    """Write `state` into the trainable parameters (every process writes the same values)."""
+    with _gathered(model, modify=True), torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in state:
+                p.copy_(state[name])
+
+
 @contextlib.contextmanager
-def swapped_parameters(model, state: dict[str, torch.Tensor]):
-    """Temporarily load `state` (a subset of trainable parameters) into `model`, restoring after."""
-    params = dict(model.named_parameters())
-    saved = {name: params[name].detach().clone() for name in state}
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+def swapped(model, state: dict[str, torch.Tensor] | None):
+    """Run the block with `state` in the policy's parameters (None: the current ones), then restore."""
+    if state is None:
+        yield
+        return
+    current = take_snapshot(model)
+    load_snapshot(model, state)
     try:
-        yield model
+        yield
     finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """A detached copy of the trainable parameters (the LoRA adapter with PEFT: small)."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        load_snapshot(model, current)

@@ -12,6 +12,8 @@ preference oracle's answer is stored as it comes. Interrupted? Run the same comm
 from klalign import (
     DataArguments,
     ModelArguments,
+    NashMPConfig,
+    NashMPTrainer,
     OracleArguments,
     build_oracle,
     load_policy_and_reference,
@@ -21,7 +23,7 @@ from klalign import (
     parse_config,
     write_summary,
 )
-from klalign.trainers.nash_mp import NashMPConfig, NashMPTrainer
+
 
 CONFIG_TYPES = (ModelArguments, DataArguments, OracleArguments, NashMPConfig)  # the dataclasses the YAML keys map onto
 ROUND_METRICS = ("win_rate/vs_reference", "win_rate/vs_previous", "kl_k3", "loss", "preference_queries", "eval_queries")
@@ -71,6 +73,11 @@ def main():
             metrics,
             {"model": training_args.output_dir, "feedback": str(trainer.store.directory)},
         )
+
+    # Every process reaches here before the process group closes: a process that exits while
+    # another still talks to it aborts the launch (gloo).
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -84,6 +84,11 @@ def main():
             {"model": training_args.output_dir, "feedback": str(trainer.store.directory)},
         )
 
+    # Every process reaches here before the process group closes: a process that exits while
+    # another still talks to it aborts the launch (gloo).
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,8 @@ from klalign.oracles import PreferenceOracle
 from klalign.testbed import SingleTokenBandit, TestbedPreference, read_policy
 from klalign.testbed_metrics import TestbedMetricsCallback
 from klalign.theory import exploitability, mirror_descent, nash_md, nash_mirror_prox
-from klalign.trainers.nash_mp import NashMPConfig, NashMPTrainer, load_snapshot, swapped, take_snapshot
+from klalign.online import load_snapshot, swapped, take_snapshot
+from klalign.trainers.nash_mp import NashMPConfig, NashMPTrainer
 
 EXACT = {"nash_mp": nash_mirror_prox, "mirror_descent": mirror_descent, "nash_md": nash_md}
 
@@ -101,7 +102,6 @@ def test_trainer_follows_the_exact_nash_mp_path(one_prompt, tmp_path):
     assert [h["preference_queries"] for h in trainer.state.log_history if "round" in h][-1] == 3 * 2 * 10 * 512
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["mirror_descent", "nash_md"])
 def test_baselines_follow_their_exact_paths(method, one_prompt, tmp_path):
     """The same check for the baselines (Nash-MD's token-level mixture is exact on one token). Measured:

@@ -50,7 +50,6 @@ are compared with pi_ref and pi_k (win rates; their queries are counted apart fr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ import torch
 from klalign.geometric_mixture import sample_geometric_mixture
 from klalign.generation import _gathered_for_generation
 from klalign.logprobs import token_logprobs
-from klalign.online import OnlineConfig, OnlineTrainer, derived_seed, trainable_state
+from klalign.online import OnlineConfig, OnlineTrainer, derived_seed, load_snapshot, swapped, take_snapshot
 from klalign.oracles import PreferenceOracle
 
 METHODS = ("nash_mp", "mirror_descent", "nash_md")
@@ -118,51 +117,6 @@ class NashMPConfig(OnlineConfig):
     def anchor_coef(self) -> float:
         """c, the weight of KL(pi_theta||pi_k) in the prox loss (see the module docstring)."""
         return 1 / self.eta - (self.beta if self.method == "nash_md" else 0.0)
-
-
-# ---- snapshots of the trainable parameters ------------------------------------------------------
-
-
-def _trainable(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def _gathered(model, modify: bool):
-    """Full values of ZeRO-3-partitioned parameters inside the block; a no-op without ZeRO-3."""
-    params = _trainable(model)
-    if not any(hasattr(p, "ds_id") for p in params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
-
-
-def take_snapshot(model) -> dict[str, torch.Tensor]:
-    """A copy of the trainable parameters (the LoRA adapter with PEFT, all weights otherwise)."""
-    with _gathered(model, modify=False):
-        return trainable_state(model)
-
-
-def load_snapshot(model, state: dict[str, torch.Tensor]) -> None:
-    """Write `state` into the trainable parameters (every process writes the same values)."""
-    with _gathered(model, modify=True), torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in state:
-                p.copy_(state[name])
-
-
-@contextlib.contextmanager
-def swapped(model, state: dict[str, torch.Tensor] | None):
-    """Run the block with `state` in the policy's parameters (None: the current ones), then restore."""
-    if state is None:
-        yield
-        return
-    current = take_snapshot(model)
-    load_snapshot(model, state)
-    try:
-        yield
-    finally:
-        load_snapshot(model, current)
 
 
 def _reward_to_go(x: torch.Tensor) -> torch.Tensor:
