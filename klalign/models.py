@@ -67,19 +67,26 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 def _atomic_build(target: Path, build) -> Path:
-    """Run `build(tmp_folder)` and move the result to `target`, so a killed build leaves nothing half-written."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        build(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not target.exists():  # a concurrent build that lost the race is fine; anything else is not
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Run `build(tmp_folder)` and move the result to `target`, so a killed build leaves nothing half-written.
+
+    Under a multi-process launch the main process builds first and the others find the folder
+    (a non-main process may even skip writing weights: `save_pretrained` is distributed-aware).
+    """
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            build(tmp)
+            os.replace(tmp, target)
+        except OSError:
+            if not target.exists():  # a concurrent build that lost the race is fine; anything else is not
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

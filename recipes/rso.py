@@ -11,6 +11,8 @@ DPOTrainer (loss_type hinge is RSO's; sigmoid is its sigmoid-norm).
 
 from pathlib import Path
 
+from accelerate import PartialState
+
 from klalign import (
     DPOConfig,
     DPOTrainer,
@@ -52,7 +54,12 @@ def main():
         trainable=False,
         cache_dir=model_args.cache_dir,
     )
-    stats = build_rso_dataset(sampler, tokenizer, prompts, oracle, pairs_path, rso_args, generation_args)
+    # One process samples and writes the pairs file (the others would append the same pairs to it).
+    state = PartialState()
+    stats = {}
+    if state.is_main_process:
+        stats = build_rso_dataset(sampler, tokenizer, prompts, oracle, pairs_path, rso_args, generation_args)
+    state.wait_for_everyone()
     del sampler
 
     # 3. Preference training on the pairs.

@@ -105,3 +105,21 @@ def test_iterative_dpo_generates_with_sharded_parameters(mode, tmp_path):
     assert len(rows) == 16 and all(len(r["chosen_ids"]) > 0 for r in rows)  # both rounds, both processes
     summary = json.loads((tmp_path / "summary.json").read_text())["metrics"]
     assert "round 1 kl_k3" in summary
+
+
+def test_optimistic_kl_trains_under_ddp(tmp_path):
+    launch("ddp", "recipes/optimistic_kl.py", "configs/tiny/optimistic_kl.yaml", "--output_dir", str(tmp_path),
+           "--num_rounds", "2", "--prompts_per_round", "8", "--prompts_per_chunk", "8", "--max_new_tokens", "8")
+    from klalign.feedback import FeedbackStore
+
+    assert FeedbackStore(tmp_path / "feedback").rounds() == [0, 1]
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "checkpoint-round-00001").is_dir()
+
+
+def test_rso_trains_under_ddp(tmp_path):
+    launch("ddp", "recipes/rso.py", "configs/tiny/rso.yaml", "--output_dir", str(tmp_path), "--num_candidates", "4",
+           "--max_new_tokens", "6", "--num_train_epochs", "1", "--sampling_beta", "1.0")
+    summary = json.loads((tmp_path / "summary.json").read_text())["metrics"]
+    assert summary["candidates"] == 40 * 4 and summary["train_loss"] is not None
+    pairs = (tmp_path / "rso_pairs.jsonl").read_text().splitlines()
+    assert len(pairs) == len(set(pairs)) == summary["pairs_in_file"]  # written once, by one process
