@@ -40,15 +40,16 @@ def bed(tmp_path_factory):
 
 
 def test_gshf_lands_near_the_tilted_optimum(bed, tmp_path):
-    """BT oracle over a known reward: KL(pi || pi_ref exp(r/beta)/Z) < 0.02 after 1920 queries (measured ~0.015)."""
+    """BT oracle over a known reward: KL(pi || pi_ref exp(r/beta)/Z) < 0.02 after 2560 queries."""
     bandit, folder = bed
     metrics = TestbedMetricsCallback(bandit, beta=1.0)
-    trainer = make_trainer(folder, tmp_path, bandit, BradleyTerryPreference(TestbedReward(bandit)), [metrics])
+    trainer = make_trainer(folder, tmp_path, bandit, BradleyTerryPreference(TestbedReward(bandit)), [metrics],
+                           num_rounds=40)
     trainer.train()
     kls = [h["testbed/kl_to_optimum"] for h in metrics.history]
-    assert kls[0] > 0.1 and kls[-1] < 0.02, kls
+    assert kls[0] > 0.1 and kls[-1] < 0.02, kls[-5:]
     assert metrics.history[-1]["testbed/off_action_mass"] < 1e-4
-    assert sum(h["oracle_queries"] for h in trainer.state.log_history if "round" in h) == 30 * 64
+    assert sum(h["oracle_queries"] for h in trainer.state.log_history if "round" in h) == 40 * 64
 
 
 KILLABLE_RUN = textwrap.dedent('''
