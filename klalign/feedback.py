@@ -14,12 +14,18 @@ and include which policy produced them.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset, concatenate_datasets
+
+
+def stored_prompt(prompt) -> str:
+    """How a prompt is stored and shown to oracles' logs: the string, or a conversation's JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt)
 
 
 class FeedbackStore:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from klalign.generation import GenerationArguments, generate_responses
 from klalign.oracles import RewardOracle
+from klalign.feedback import stored_prompt
 
 
 def rejection_sample(
@@ -112,7 +113,7 @@ def build_rso_dataset(
                 progress=False,
             )
             for prompt, responses in zip(batch, samples):
-                rewards = oracle.score([_as_text(prompt)] * len(responses), responses)
+                rewards = oracle.score([stored_prompt(prompt)] * len(responses), responses)
                 accepted = rejection_sample(rewards, args.sampling_beta, args.r_max, gen)
                 kept = accepted.nonzero().flatten().tolist()
                 pairs = pair_by_reward([responses[i] for i in kept], [rewards[i].item() for i in kept])
@@ -128,9 +129,6 @@ def build_rso_dataset(
     stats["acceptance_rate"] = stats["accepted"] / max(stats["candidates"], 1)
     return stats
 
-
-def _as_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else json.dumps(prompt)
 
 
 def _prompts_done(path: Path) -> set[str]:

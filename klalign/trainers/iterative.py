@@ -21,7 +21,6 @@ reward wins (ties carry no preference and are dropped).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +29,7 @@ from klalign.enhancers import ENHANCERS, PairProposal
 from klalign.losses import PREFERENCE_LOSSES, get_preference_loss
 from klalign.online import OnlineConfig, OnlineTrainer
 from klalign.oracles import PreferenceOracle, RewardOracle
+from klalign.feedback import stored_prompt
 
 
 @dataclass
@@ -125,7 +125,7 @@ class IterativeDPOTrainer(OnlineTrainer):
         chosen, rejected = (p.a, p.b) if a_wins else (p.b, p.a)
         return {
             "tie": tie,
-            "prompt": _prompt_text(p.prompt),
+            "prompt": stored_prompt(p.prompt),
             "prompt_ids": chosen.prompt_ids,
             "chosen": chosen.text, "chosen_ids": chosen.completion_ids,
             "rejected": rejected.text, "rejected_ids": rejected.completion_ids,
@@ -216,8 +216,3 @@ class IterativeDPOTrainer(OnlineTrainer):
         if rewards:
             metrics["main_reward"] = sum(rewards) / len(rewards)
         return metrics
-
-
-def _prompt_text(prompt) -> str:
-    """Prompts are stored as text; conversations as their JSON."""
-    return prompt if isinstance(prompt, str) else json.dumps(prompt)

@@ -50,7 +50,6 @@ are compared with pi_ref and pi_k (win rates; their queries are counted apart fr
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -62,6 +61,7 @@ from klalign.generation import _gathered_for_generation
 from klalign.logprobs import token_logprobs
 from klalign.online import OnlineConfig, OnlineTrainer, derived_seed, load_snapshot, swapped, take_snapshot
 from klalign.oracles import PreferenceOracle
+from klalign.feedback import stored_prompt
 
 METHODS = ("nash_mp", "mirror_descent", "nash_md")
 
@@ -183,7 +183,7 @@ class NashMPTrainer(OnlineTrainer):
         opponent_name = {"nash_md": "mixture(pi_k, pi_ref)", "mirror_descent": "pi_k"}.get(
             self.args.method, "pi_k" if name == "half" else "pi_k+1/2")
         return [
-            {"prompt": _prompt_text(y.prompt), "prompt_ids": y.prompt_ids, "completion_ids": y.completion_ids,
+            {"prompt": stored_prompt(y.prompt), "prompt_ids": y.prompt_ids, "completion_ids": y.completion_ids,
              "completion": y.text, "opponent": o.text, "preference_prob": p, "label": label,
              "prox_step": name, "inner_step": inner, "opponent_policy": opponent_name, "oracle_queries": 1}
             for y, o, p, label in zip(ours, theirs, probs.tolist(), labels.tolist())
@@ -365,13 +365,8 @@ class NashMPTrainer(OnlineTrainer):
         batch = self.batch([c.prompt_ids for c in ours], [c.completion_ids for c in ours])
         logratio = self.frozen_policy_logprobs(batch) - self.reference_logprobs(batch)  # (N,)
         return [
-            {"prompt": _prompt_text(y.prompt), "completion": y.text, "reference_completion": r.text,
+            {"prompt": stored_prompt(y.prompt), "completion": y.text, "reference_completion": r.text,
              "previous_completion": q.text, "win_vs_reference": a, "win_vs_previous": b, "logratio": lr,
              "oracle_queries": 2}
             for y, r, q, a, b, lr in zip(ours, refs, previous, vs_ref.tolist(), vs_prev.tolist(), logratio.tolist())
         ]
-
-
-def _prompt_text(prompt) -> str:
-    """Prompts are stored as text; conversations as their JSON."""
-    return prompt if isinstance(prompt, str) else json.dumps(prompt)
