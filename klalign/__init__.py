@@ -12,7 +12,14 @@ from klalign.data import (
     validate_preference_dataset,
     validate_prompt_dataset,
 )
-from klalign.generation import Completion, GenerationArguments, generate_responses, sample_completions
+from klalign.generation import (
+    Completion,
+    GenerationArguments,
+    generate_responses,
+    sample_completions,
+    sampling_config,
+    stop_token_ids,
+)
 from klalign.logprobs import kl_k1, kl_k2, kl_k3, sequence_logprobs, token_logprobs
 from klalign.losses import (
     PREFERENCE_LOSSES,
@@ -31,6 +38,7 @@ from klalign.models import (
     lora_config,
     resolve_model_path,
 )
+from klalign.distributed import check_equal_work, place_frozen, prepare_frozen, whole_model_loading
 from klalign.enhancers import ENHANCERS
 from klalign.evaluation import EvaluationArguments, EvaluationError, EvaluationReport, evaluate_checkpoints
 from klalign.feedback import FeedbackStore
@@ -48,6 +56,7 @@ from klalign.oracles import (
     build_reward_oracle,
 )
 from klalign.geometric_mixture import sample_geometric_mixture
+from klalign.reference import Reference
 from klalign.reporting import write_summary
 from klalign.reward_learning import (
     EnsembleReward,
@@ -62,6 +71,7 @@ from klalign.reward_learning import (
 )
 from klalign.rewards import get_reward_function, vader_sentiment
 from klalign.sampling import RejectionSamplingArguments, build_rso_dataset, rejection_sample
+from klalign.snapshots import reset, swapped, take_snapshot
 from klalign.theory import (
     best_of_n_distribution,
     best_of_n_kl_bound,
@@ -181,5 +191,15 @@ __all__ = [
     "vader_sentiment",
     "validate_preference_dataset",
     "validate_prompt_dataset",
+    "check_equal_work",
+    "place_frozen",
+    "prepare_frozen",
+    "whole_model_loading",
+    "Reference",
+    "reset",
+    "swapped",
+    "take_snapshot",
+    "sampling_config",
+    "stop_token_ids",
     "write_summary",
 ]

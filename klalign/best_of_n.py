@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
 
 from klalign.generation import Completion, GenerationArguments, sample_completions
 from klalign.oracles import RewardOracle
+from klalign.prompt_jobs import append_lines, on_main_then_shared, prompt_groups, read_jsonl, run_groups, unique_prompts
+from klalign.sampling import as_turn
+from klalign.seeding import derived_seed, prompt_key
 from klalign.theory import best_of_n_kl_bound, best_of_n_kl_estimate
 
 
@@ -82,28 +84,13 @@ class BestOfNResult:
         return cls(record["prompt"], record["responses"], record["scores"])
 
 
-def _key(prompt) -> str:
-    """A prompt's identity in a results file (conversations are lists, so compare canonical JSON)."""
-    return json.dumps(prompt, sort_keys=True)
-
-
 def read_best_of_n(path: str | Path) -> list[BestOfNResult]:
     """The results a `BestOfNSampler` appended to `path`, in file order.
 
     A run killed mid-write leaves a torn last line: it is dropped from the file (that prompt is
-    sampled again), so the file stays valid JSONL for every other reader.
+    sampled again, with the same seed), so the file stays valid JSONL for every other reader.
     """
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    try:
-        records = [json.loads(line) for line in lines]
-    except json.JSONDecodeError:
-        lines = lines[:-1]
-        path.write_text("".join(line + "\n" for line in lines))
-        records = [json.loads(line) for line in lines]
-    return [BestOfNResult.from_record(r) for r in records]
+    return [BestOfNResult.from_record(r) for r in read_jsonl(Path(path))]
 
 
 class BestOfNSampler:
@@ -114,9 +101,13 @@ class BestOfNSampler:
         preference_dataset(results).to_json("runs/bon/pairs.jsonl")
 
     Prompts are grouped so that one generate() call holds about `generation_batch_size` sequences
-    (several prompts when N is small; one prompt over several calls when N is large). With
-    `output_path`, each prompt's result is appended as soon as it is scored, and prompts already in
-    the file are not sampled again: a killed run loses at most the group in flight.
+    (several prompts when N is small; one prompt over several calls when N is large), and each
+    group is drawn with a seed derived from `seed` and its prompts (`klalign.prompt_jobs`): the
+    results do not depend on what ran before, so a killed and resumed run writes the same file as
+    an uninterrupted one. With `output_path`, each prompt's result is appended as soon as it is
+    scored, and prompts already in the file are not sampled again. Under a multi-process launch
+    every process calls `sample` with the same prompts; the groups are spread over the processes
+    and the main process writes (every process returns all results).
     """
 
     def __init__(
@@ -131,39 +122,34 @@ class BestOfNSampler:
 
     def sample(self, prompts: list, output_path: str | Path | None = None) -> list[BestOfNResult]:
         """One `BestOfNResult` per prompt, in prompt order (read from `output_path` where already done)."""
-        done = {_key(r.prompt): r for r in read_best_of_n(output_path)} if output_path else {}
-        todo = list({_key(p): p for p in prompts if _key(p) not in done}.values())  # duplicates sampled once
-        per_call = max(1, self.generation.generation_batch_size // self.n)
-        sink = None
-        if output_path is not None:
-            Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-            sink = Path(output_path).open("a")
-        try:
-            for start in tqdm(range(0, len(todo), per_call), desc=f"best-of-{self.n}", disable=not self.progress):
-                group = todo[start : start + per_call]
-                completions, scores = sample_and_score(
-                    self.model, self.tokenizer, self.oracle, group, self.n, self.generation,
-                    seed=self.seed + start, accelerator=self.accelerator,
-                )
-                for prompt, per_prompt, row in zip(group, completions, scores.tolist()):
-                    result = BestOfNResult(prompt, [c.text for c in per_prompt], row)
-                    done[_key(prompt)] = result
-                    if sink is not None:
-                        sink.write(json.dumps(result.to_record()) + "\n")
-                if sink is not None:
-                    sink.flush()  # on disk before the next group starts
-        finally:
-            if sink is not None:
-                sink.close()
-        return [done[_key(p)] for p in prompts]
+        path = Path(output_path) if output_path is not None else None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        done = on_main_then_shared(lambda: {prompt_key(r.prompt): r for r in read_best_of_n(path)} if path else {})
+        unique = unique_prompts(prompts)
+        groups = prompt_groups(list(unique), self.generation.generation_batch_size // self.n)
+        todo = [g for g in groups if any(key not in done for key in g)]
+
+        def work(keys: list[str]) -> list[BestOfNResult]:
+            group = [unique[k] for k in keys]
+            completions, scores = sample_and_score(
+                self.model, self.tokenizer, self.oracle, group, self.n, self.generation,
+                seed=derived_seed(self.seed, "best_of_n", *keys), accelerator=self.accelerator,
+            )
+            return [BestOfNResult(p, [c.text for c in cs], row) for p, cs, row in zip(group, completions, scores.tolist())]
+
+        def write(keys: list[str], results: list[BestOfNResult]) -> None:
+            new = [(k, r) for k, r in zip(keys, results) if k not in done]
+            if path is not None:
+                append_lines(path, [json.dumps(r.to_record()) for _, r in new])
+            done.update(new)
+
+        run_groups(todo, work, write, desc=f"best-of-{self.n}", progress=self.progress)
+        done = on_main_then_shared(lambda: done)
+        return [done[prompt_key(p)] for p in prompts]
 
 
 # ----------------------------------------------------------------------------- as training data
-
-
-def _as_turn(prompt, response: str):
-    """A response in the prompt's format: a string, or an assistant message list for conversations."""
-    return response if isinstance(prompt, str) else [{"role": "assistant", "content": response}]
 
 
 def distillation_dataset(results: list[BestOfNResult]) -> Dataset:
@@ -173,7 +159,7 @@ def distillation_dataset(results: list[BestOfNResult]) -> Dataset:
     SFT on it is the usual way to distil best-of-N into the policy.
     """
     return Dataset.from_list([
-        {"prompt": r.prompt, "completion": _as_turn(r.prompt, r.best), "score": r.best_score} for r in results
+        {"prompt": r.prompt, "completion": as_turn(r.prompt, r.best), "score": r.best_score} for r in results
     ])
 
 
@@ -190,8 +176,8 @@ def preference_dataset(results: list[BestOfNResult], min_margin: float = 0.0) ->
             continue
         rows.append({
             "prompt": r.prompt,
-            "chosen": _as_turn(r.prompt, r.responses[best]),
-            "rejected": _as_turn(r.prompt, r.responses[worst]),
+            "chosen": as_turn(r.prompt, r.responses[best]),
+            "rejected": as_turn(r.prompt, r.responses[worst]),
             "chosen_score": r.scores[best],
             "rejected_score": r.scores[worst],
         })

@@ -9,16 +9,16 @@ and everything an enhancer keeps between rounds is on disk, so a resumed run pro
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
 from klalign.generation import Completion
-from klalign.online import swapped, take_snapshot
 from klalign.sampling import rejection_sample
+from klalign.snapshots import swapped, take_snapshot
 
 
 @dataclass
@@ -120,18 +120,24 @@ class PreviousCheckpoint(Enhancer):
         return Path(self.args.output_dir) / "policy_snapshots" / f"round-{round_index:05d}.safetensors"
 
     def propose(self, round_index, prompts):
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
         path = self._snapshot_path(round_index)
-        if self.args.should_save and not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous().cpu() for k, v in take_snapshot(model).items()}, str(tmp))
-            tmp.replace(path)
-        self.trainer.accelerator.wait_for_everyone()
-        main = self.trainer.generate(prompts, 1)
+        missing = [not path.exists()]
+        broadcast_object_list(missing)  # the main process decides: every process must join the snapshot
+        if missing[0]:
+            snapshot = take_snapshot(model)  # a collective under ZeRO-3: taken on every process
+            if self.args.should_save:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                save_file({k: v.contiguous().cpu() for k, v in snapshot.items()}, str(tmp))
+                tmp.replace(path)
+            del snapshot
+        trainer.accelerator.wait_for_everyone()
+        main = trainer.generate(prompts, 1)
         previous = load_file(str(self._snapshot_path(max(round_index - 1, 0))), device=str(self.args.device))
-        with swapped(model, previous):
-            explore = self.trainer.generate(prompts, 1, model=model)
+        with swapped(model, previous):  # pi_{t-1}, sampled through the policy's own (gathered) path
+            explore = trainer.generate(prompts, 1)
         stale = self._snapshot_path(round_index - 2)
         if self.args.should_save and stale.exists():
             stale.unlink()
@@ -177,13 +183,7 @@ class Uncertainty(Enhancer):
         """Mean last hidden state of the reference over the response tokens. (B, d) float64"""
         batch = self.trainer.batch(prompt_ids, completion_ids)
         mask = batch.pop("completion_mask").unsqueeze(-1).to(torch.float64)  # (B, T, 1)
-        trainer = self.trainer
-        if trainer.ref_model is not None:
-            model, context = trainer.ref_model, contextlib.nullcontext()
-        else:
-            model = trainer.model_wrapped
-            context = trainer.accelerator.unwrap_model(model).disable_adapter()
-        with context:
+        with self.trainer.reference.forward_model(self.trainer.model_wrapped) as model:
             hidden = model(**batch, output_hidden_states=True, use_cache=False).hidden_states[-1]  # (B, T, d)
         return (hidden.to(torch.float64) * mask).sum(1) / mask.sum(1).clamp(min=1)
 

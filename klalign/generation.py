@@ -7,6 +7,14 @@ TRL's `unwrap_model_for_generation` does).
 
 `sample_completions` keeps the token ids it generated, so log-probs are computed on exactly the
 sampled tokens (decoding then re-encoding text can change them).
+
+On-policy by construction: a checkpoint's `generation_config.json` may carry sampling defaults
+(repetition_penalty, min_p, typical_p, no_repeat_ngram_size, min_new_tokens, ...) that transformers
+merges into every `generate` call whose arguments leave them unset. Samples drawn with them are
+not from pi, so every KL estimate and policy gradient computed on them would be silently biased.
+Generation here runs with the model's own defaults swapped for a blank `GenerationConfig` and an
+explicit one (`sampling_config`) in which every processor but temperature and top_p is neutral.
+Only the checkpoint's stop tokens are kept (many instruct models have two).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 
 @dataclass
@@ -62,7 +71,7 @@ def _left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def _gathered_for_generation(model, accelerator):
+def gathered_for_generation(model, accelerator):
     """Unwrap DDP/DeepSpeed; under ZeRO-3 gather the sharded parameters while generating."""
     if accelerator is None:
         return contextlib.nullcontext(model)
@@ -71,11 +80,58 @@ def _gathered_for_generation(model, accelerator):
     return unwrap_model_for_generation(model, accelerator)
 
 
-def _strip(ids: list[int], pad_id: int, eos_id: int) -> list[int]:
-    """Cut a generated row after its first EOS (kept) and drop padding."""
-    if eos_id in ids:
-        ids = ids[: ids.index(eos_id) + 1]
-    return [t for t in ids if t != pad_id or t == eos_id]
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a response: the checkpoint's `generation_config.eos_token_id` (an id or a list)
+    and the tokenizer's EOS, in that order, without repeats."""
+    configured = getattr(getattr(_base_model(model), "generation_config", None), "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    ids = configured + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    return list(dict.fromkeys(ids))
+
+
+def sampling_config(args: GenerationArguments, stop_ids: list[int], pad_id: int) -> GenerationConfig:
+    """Pure ancestral sampling from pi at `args.temperature` and `args.top_p`: every other logits
+    processor of `generate` is set to its neutral value explicitly (none is left to a default)."""
+    return GenerationConfig(
+        do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, min_p=0.0, typical_p=1.0,
+        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, min_length=0, min_new_tokens=0,
+        max_new_tokens=args.max_new_tokens, num_beams=1, num_return_sequences=1, renormalize_logits=False,
+        remove_invalid_values=False, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
+    )
+
+
+def _base_model(model):
+    """The transformers model under a PEFT wrapper (whose `generation_config` `generate` reads)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def without_checkpoint_defaults(model):
+    """Run `generate` with the checkpoint's generation defaults replaced by a blank config.
+
+    transformers fills every field a call leaves unset from `model.generation_config` (the
+    checkpoint's `generation_config.json`); with a blank one only transformers' global defaults remain,
+    and `sampling_config` sets each of those that could change the sampled law.
+    """
+    base = _base_model(model)
+    saved = base.generation_config
+    base.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
+def _strip(ids: list[int], stop_ids: list[int]) -> list[int]:
+    """Cut a generated row after its first stop token (kept). Everything before it was sampled, pad
+    ids included (a pad id distinct from EOS is an ordinary token); only what `generate` wrote after
+    the stop (padding) goes. A row without a stop token ran to max_new_tokens and is kept whole."""
+    stops = set(stop_ids)
+    for i, token in enumerate(ids):
+        if token in stops:
+            return ids[: i + 1]
+    return ids
 
 
 @torch.no_grad()
@@ -95,32 +151,25 @@ def sample_completions(
         torch.manual_seed(seed)
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     flat = [(p, i) for p, i in zip(prompts, ids) for _ in range(num_samples)]  # a prompt's samples are contiguous
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
     done: list[Completion] = []
-    with _gathered_for_generation(model, accelerator) as unwrapped:
+    with gathered_for_generation(model, accelerator) as unwrapped:
+        stop_ids = stop_token_ids(unwrapped, tokenizer)
+        config = sampling_config(args, stop_ids, pad_id)
         was_training = unwrapped.training
         unwrapped.eval()
         device = next(unwrapped.parameters()).device
         starts = range(0, len(flat), args.generation_batch_size)
-        for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
-            chunk = flat[start : start + args.generation_batch_size]
-            enc = _left_padded([i for _, i in chunk], pad_id, device)
-            out = unwrapped.generate(
-                **enc,
-                do_sample=True,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=0,
-                max_new_tokens=args.max_new_tokens,
-                pad_token_id=pad_id,
-                eos_token_id=eos_id,
-                use_cache=True,
-            )  # (b, prompt_len + new), prompts left-padded
-            new = out[:, enc["input_ids"].size(1) :].tolist()
-            for (prompt, prompt_ids), generated in zip(chunk, new):
-                completion_ids = _strip(generated, pad_id, eos_id)
-                text = tokenizer.decode(completion_ids, skip_special_tokens=True)
-                done.append(Completion(prompt, prompt_ids, completion_ids, text))
+        with without_checkpoint_defaults(unwrapped):
+            for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
+                chunk = flat[start : start + args.generation_batch_size]
+                enc = _left_padded([i for _, i in chunk], pad_id, device)
+                out = unwrapped.generate(**enc, generation_config=config)  # (b, prompt_len + new), left-padded
+                new = out[:, enc["input_ids"].size(1) :].tolist()
+                for (prompt, prompt_ids), generated in zip(chunk, new):
+                    completion_ids = _strip(generated, stop_ids)
+                    text = tokenizer.decode(completion_ids, skip_special_tokens=True)
+                    done.append(Completion(prompt, prompt_ids, completion_ids, text))
         unwrapped.train(was_training)
     return [done[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 

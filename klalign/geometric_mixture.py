@@ -41,6 +41,7 @@ def sample_geometric_mixture(
     batch_size: int = 32,
     device=None,
     synced: bool = False,
+    stop_ids: list[int] | None = None,
 ) -> list[list[Completion]]:
     """`num_samples` completions per prompt drawn from the token-level geometric mixture.
 
@@ -48,26 +49,29 @@ def sample_geometric_mixture(
     position_ids, past_key_values, use_cache, logits_to_keep) and return its output. `mixture_coef`
     is alpha, the reference's weight (0: the policy itself, 1: the reference). `synced`: always run
     `max_new_tokens` steps, as every process must call a ZeRO-3-sharded model equally often.
+    `stop_ids`: the tokens that end a response (default: the tokenizer's EOS; see
+    `klalign.generation.stop_token_ids`).
     """
     if not 0.0 <= mixture_coef <= 1.0:
         raise ValueError(f"mixture_coef must be in [0, 1], got {mixture_coef}")
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     flat = [(p, i) for p, i in zip(prompts, ids) for _ in range(num_samples)]  # a prompt's samples are contiguous
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
+    stop_ids = stop_ids or [tokenizer.eos_token_id]
     done: list[Completion] = []
     for start in range(0, len(flat), batch_size):
         chunk = flat[start : start + batch_size]
-        new = _sample_batch(policy, reference, [i for _, i in chunk], mixture_coef, max_new_tokens, pad_id, eos_id,
+        new = _sample_batch(policy, reference, [i for _, i in chunk], mixture_coef, max_new_tokens, pad_id, stop_ids,
                             device, synced)
         for (prompt, prompt_ids), generated in zip(chunk, new):
-            completion_ids = _strip(generated, pad_id, eos_id)
+            completion_ids = _strip(generated, stop_ids)
             text = tokenizer.decode(completion_ids, skip_special_tokens=True)
             done.append(Completion(prompt, prompt_ids, completion_ids, text))
     return [done[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
 
 def _sample_batch(
-    policy, reference, rows, mixture_coef, max_new_tokens, pad_id, eos_id, device, synced
+    policy, reference, rows, mixture_coef, max_new_tokens, pad_id, stop_ids, device, synced
 ) -> list[list[int]]:
     """One left-padded batch of prompts, generated to EOS or `max_new_tokens`."""
     enc = _left_padded(rows, pad_id, device)
@@ -75,6 +79,7 @@ def _sample_batch(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each prompt
     caches = [None, None]
     finished = torch.zeros(len(rows), dtype=torch.bool, device=input_ids.device)
+    stops = torch.tensor(stop_ids, device=input_ids.device)
     generated = []
     for _ in range(max_new_tokens):
         logits = []
@@ -87,7 +92,7 @@ def _sample_batch(
         token = torch.multinomial(probs, 1).squeeze(1)  # (B,)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         generated.append(token)
-        finished |= token == eos_id
+        finished |= torch.isin(token, stops)
         if finished.all() and not synced:
             break
         # Only the new token goes in next: both caches hold the prefix.

@@ -70,11 +70,15 @@ def _atomic_build(target: Path, build) -> Path:
     """Run `build(tmp_folder)` and move the result to `target`, so a killed build leaves nothing half-written.
 
     Under a multi-process launch the main process builds first and the others find the folder
-    (a non-main process may even skip writing weights: `save_pretrained` is distributed-aware).
+    (a non-main process may even skip writing weights: `save_pretrained` is distributed-aware). The
+    build is local to the main process, so models are built whole: under ZeRO-3's partitioned
+    loading it would be a collective the waiting processes never join.
     """
     from accelerate import PartialState
 
-    with PartialState().main_process_first():
+    from klalign.distributed import whole_model_loading
+
+    with PartialState().main_process_first(), whole_model_loading():
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,8 @@
 `OnlineTrainer` is a `transformers.Trainer` whose `train()` runs rounds. A subclass says only
 what it samples and asks the oracle (`collect`) and how it learns from the rows (`update`);
 everything else is here, once: prompt scheduling, chunked collection stored as it comes, seeding,
-the reference model (a separate frozen model, or the policy with its LoRA adapter disabled),
-optimizer steps through the Trainer's accelerator (single device, DDP, DeepSpeed), logging, and
+the reference (`klalign.reference.Reference`: a separate frozen model, or the policy with its LoRA
+adapter disabled), the oracle's models prepared for the launch mode, optimizer steps through the Trainer's accelerator (single device, DDP, DeepSpeed), logging, and
 atomic per-round checkpoints.
 
 Exact resume. Every random draw is seeded from (seed, round, phase, chunk), never from the
@@ -22,11 +22,8 @@ checkpoint are replayed from the store: their updates are recomputed, their feed
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import random
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -39,9 +36,12 @@ from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
 from klalign.data import validate_prompt_dataset
+from klalign.distributed import check_equal_work, prepare_frozen
 from klalign.feedback import FeedbackStore
 from klalign.generation import GenerationArguments, sample_completions
 from klalign.logprobs import completion_batch, sequence_logprobs
+from klalign.reference import Reference
+from klalign.seeding import derived_seed, seed_everything
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-round-(\d+)$")
 
@@ -84,7 +84,23 @@ class OnlineConfig(TrainingArguments):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.generation_args()  # validates temperature, top_p, max_new_tokens
+        if self.on_policy and (self.temperature != 1.0 or self.top_p != 1.0):
+            raise ValueError(f"{type(self).__name__}: the policy gradient and the KL estimates need samples from pi "
+                             f"itself: set temperature 1 and top_p 1 (got {self.temperature}, {self.top_p})")
         super().__post_init__()
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}: the online trainers take one "
+                "optimizer step per batch and do not accumulate; set gradient_accumulation_steps: 1 (also in the "
+                "DeepSpeed config) and size the batch with per_device_train_batch_size")
+        check_equal_work(self.world_size, **self.equal_work_counts())
+
+    on_policy = False  # True: the trainer's estimates need samples of pi itself (temperature 1, top_p 1)
+
+    def equal_work_counts(self) -> dict[str, int]:
+        """Counts of prompts each chunk of work is split by across processes (see `check_equal_work`):
+        with both a multiple of the number of processes, so is every chunk, the last one included."""
+        return {"prompts_per_round": self.prompts_per_round, "prompts_per_chunk": self.prompts_per_chunk}
 
     def generation_args(self, temperature: float | None = None) -> GenerationArguments:
         return GenerationArguments(
@@ -93,17 +109,6 @@ class OnlineConfig(TrainingArguments):
             top_p=self.top_p,
             generation_batch_size=self.generation_batch_size,
         )
-
-
-def derived_seed(*parts) -> int:
-    """A 31-bit seed from any parts: the same parts give the same seed in every run and process."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") & 0x7FFFFFFF
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class OnlineTrainer(Trainer):
@@ -135,12 +140,9 @@ class OnlineTrainer(Trainer):
             raise ValueError("ref_model is required unless the policy is a PEFT model (its disabled adapter is the reference)")
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          callbacks=callbacks)
-        if args.prompts_per_chunk % args.world_size:
-            # Every process must run the same number of forward passes (ZeRO-3 gathers weights in lockstep).
-            raise ValueError(f"prompts_per_chunk ({args.prompts_per_chunk}) must be a multiple of the number of "
-                             f"processes ({args.world_size})")
-        self.ref_model = None if ref_model is None else self._prepare_frozen(ref_model)
-        self.oracle = oracle
+        self.ref_model = None if ref_model is None else prepare_frozen(ref_model, self.accelerator)
+        self.reference = Reference(self.ref_model, self.accelerator)
+        self.oracle = oracle.prepare(self.accelerator) if oracle is not None else None
         self.prompts = list(train_dataset["prompt"])
         self.store = FeedbackStore(args.feedback_dir or Path(args.output_dir) / "feedback")
 
@@ -235,17 +237,15 @@ class OnlineTrainer(Trainer):
 
     # ---- helpers for subclasses ------------------------------------------------------------------
 
-    def generate(self, prompts: list, num_samples: int, temperature: float | None = None, model=None):
-        """Sampled completions (token ids kept) from the policy, or from `model` if given."""
-        return sample_completions(
-            self.model_wrapped if model is None else model,
-            self.processing_class,
-            prompts,
-            num_samples,
-            self.args.generation_args(temperature),
-            accelerator=self.accelerator if model is None else None,
-            progress=False,
-        )
+    def generate(self, prompts: list, num_samples: int, temperature: float | None = None):
+        """Sampled completions (token ids kept) from the policy, with the weights now in the model."""
+        return sample_completions(self.model_wrapped, self.processing_class, prompts, num_samples,
+                                  self.args.generation_args(temperature), accelerator=self.accelerator, progress=False)
+
+    def generate_reference(self, prompts: list, num_samples: int):
+        """Sampled completions of pi_ref (token ids kept)."""
+        return self.reference.generate(self.model_wrapped, self.processing_class, prompts, num_samples,
+                                       self.args.generation_args())
 
     def batch(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> dict[str, torch.Tensor]:
         return completion_batch(prompt_ids, completion_ids, self.processing_class.pad_token_id, self.args.device)
@@ -254,13 +254,9 @@ class OnlineTrainer(Trainer):
         """`s(y)` under the policy, with gradients. (B,)"""
         return sequence_logprobs(self.model_wrapped, **batch)
 
-    @torch.no_grad()
     def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`s(y)` under the reference: the frozen model, or the policy with its adapter disabled. (B,)"""
-        if self.ref_model is not None:
-            return sequence_logprobs(self.ref_model, **batch)
-        with self.accelerator.unwrap_model(self.model_wrapped).disable_adapter():
-            return sequence_logprobs(self.model_wrapped, **batch)
+        """`s_ref(y)` (`klalign.reference.Reference`). (B,)"""
+        return self.reference.sequence_logprobs(self.model_wrapped, batch)
 
     @torch.no_grad()
     def frozen_policy_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -276,14 +272,6 @@ class OnlineTrainer(Trainer):
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
-
-    def _prepare_frozen(self, model):
-        model.eval().requires_grad_(False)
-        if self.is_deepspeed_enabled:
-            from trl.models import prepare_deepspeed
-
-            return prepare_deepspeed(model, self.accelerator)
-        return self.accelerator.prepare_model(model, evaluation_mode=True)
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
@@ -327,47 +315,3 @@ class OnlineTrainer(Trainer):
         for old in found[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
-
-# ---- snapshots of the trainable parameters (ZeRO-3 aware: gathered while copied) ----
-
-
-def _trainable(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def _gathered(model, modify: bool):
-    """Full values of ZeRO-3-partitioned parameters inside the block; a no-op without ZeRO-3."""
-    params = _trainable(model)
-    if not any(hasattr(p, "ds_id") for p in params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
-
-
-def take_snapshot(model) -> dict[str, torch.Tensor]:
-    """A copy of the trainable parameters (the LoRA adapter with PEFT, all weights otherwise)."""
-    with _gathered(model, modify=False):
-        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def load_snapshot(model, state: dict[str, torch.Tensor]) -> None:
-    """Write `state` into the trainable parameters (every process writes the same values)."""
-    with _gathered(model, modify=True), torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in state:
-                p.copy_(state[name])
-
-
-@contextlib.contextmanager
-def swapped(model, state: dict[str, torch.Tensor] | None):
-    """Run the block with `state` in the policy's parameters (None: the current ones), then restore."""
-    if state is None:
-        yield
-        return
-    current = take_snapshot(model)
-    load_snapshot(model, state)
-    try:
-        yield
-    finally:
-        load_snapshot(model, current)

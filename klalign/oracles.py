@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from klalign.distributed import place_frozen
+
 
 class OracleError(ValueError):
     """An oracle returned something unusable (wrong count, NaN, infinity, out of range)."""
@@ -56,6 +58,12 @@ class RewardOracle:
 
     name = "reward"
 
+    def prepare(self, accelerator=None, device=None):
+        """Ready the oracle's models for inference: on a trainer's accelerator (DeepSpeed-wrapped when it
+        runs DeepSpeed: every process must then call the oracle equally often), or whole on `device`
+        (default: this process's). A function needs nothing. Returns the oracle."""
+        return self
+
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         """(N,) float64 rewards, validated."""
         if len(prompts) != len(responses):
@@ -70,6 +78,10 @@ class PreferenceOracle:
     """Gives P(response A beats response B | prompt). Subclasses implement `_preference`."""
 
     name = "preference"
+
+    def prepare(self, accelerator=None, device=None):
+        """As `RewardOracle.prepare`."""
+        return self
 
     def preference(
         self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]
@@ -108,6 +120,10 @@ class BradleyTerryPreference(PreferenceOracle):
         self.temperature = temperature
         self.name = f"bradley_terry({reward.name})"
 
+    def prepare(self, accelerator=None, device=None):
+        self.reward.prepare(accelerator, device)
+        return self
+
     def _preference(self, prompts, responses_a, responses_b):
         ra = self.reward.score(prompts, responses_a)
         rb = self.reward.score(prompts, responses_b)
@@ -129,6 +145,10 @@ class RewardModelOracle(RewardOracle):
     def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None, name: str = "reward_model"):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_length, self.name = batch_size, max_length, name
+
+    def prepare(self, accelerator=None, device=None):
+        self.model = place_frozen(self.model, accelerator, device)
+        return self
 
     def _text(self, prompt, response: str) -> str:
         if isinstance(prompt, str):
@@ -186,6 +206,10 @@ class LMJudgePreference(PreferenceOracle):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.batch_size, self.name = batch_size, name
         self.choice_ids = [self._single_token(letter) for letter in "AB"]
+
+    def prepare(self, accelerator=None, device=None):
+        self.model = place_frozen(self.model, accelerator, device)
+        return self
 
     def _single_token(self, letter: str) -> int:
         """The answer token: " A" where the tokenizer has it as one token (most BPEs), else "A"."""

@@ -250,6 +250,14 @@ class FeatureMap:
     def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    def prepare(self, accelerator=None, device=None) -> FeatureMap:
+        """Ready the map's model for inference (as `klalign.oracles.RewardOracle.prepare`); returns the map."""
+        if getattr(self, "model", None) is not None:
+            from klalign.distributed import place_frozen
+
+            self.model = place_frozen(self.model, accelerator, device)
+        return self
+
 
 class TabularFeatures(FeatureMap):
     """A lookup table: `table[c, k]` is phi(prompts[c], responses[k]). (C, K, d)

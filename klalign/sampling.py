@@ -7,7 +7,8 @@ Draw candidates from `pi_ref`, score them, and keep candidate y with probability
 candidates as `r_max`, which is what `r_max=None` does: a slight, standard approximation.
 
 `build_rso_dataset` turns accepted samples into preference pairs labelled by the reward and
-appends them to a JSONL file prompt by prompt, so a killed run keeps everything it scored.
+appends them to a JSONL file prompt by prompt, so a killed run keeps everything it scored and,
+resumed, writes the same file as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,11 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from klalign.generation import GenerationArguments, generate_responses
+from klalign.generation import GenerationArguments, sample_completions
 from klalign.oracles import RewardOracle
-from klalign.feedback import stored_prompt
+from klalign.prompt_jobs import (
+    append_lines,
+    on_main_then_shared,
+    prompt_groups,
+    read_jsonl,
+    rewrite_lines,
+    run_groups,
+    unique_prompts,
+)
+from klalign.seeding import derived_seed, prompt_key
 
 
 def rejection_sample(
@@ -89,55 +98,81 @@ def build_rso_dataset(
     out_path: str | Path,
     args: RejectionSamplingArguments,
     generation: GenerationArguments | None = None,
-    prompts_per_batch: int = 8,
 ) -> dict:
-    """Sample, score, accept and pair for every prompt; append pairs to `out_path` (JSONL).
+    """Sample, score, accept and pair for every prompt; append each prompt's pairs to `out_path` (JSONL).
 
-    Returns statistics: candidates, accepted, acceptance rate, pairs written. Each row of the file
-    is a valid preference pair (`klalign.data.load_preference_dataset` reads it) plus the rewards
-    and the prompt's acceptance count. A re-run skips prompts that already have pairs in the file;
-    a prompt that yielded none is sampled again (it lost nothing).
+    Each row of the file is a valid preference pair in the prompt's own format (a string, or a
+    conversation with assistant-message responses: `klalign.data.load_preference_dataset` reads it)
+    plus the rewards and the prompt's acceptance count. The oracle sees each prompt as given.
+
+    Reproducible and resumable (`klalign.prompt_jobs`): candidates are drawn per group of prompts
+    with a seed derived from `sampling_seed` and the prompts, acceptance draws per prompt from a
+    generator seeded by the prompt. A prompt is done once its line is in the index file beside the
+    pairs (`<name>.prompts.jsonl`, written after its pairs); a re-run skips done prompts, and pairs of
+    a prompt a kill left without an index line are dropped and drawn again (identically). Under a
+    multi-process launch every process calls this with the same prompts; the main process writes.
+    Returns statistics over every prompt in the index: prompts, candidates, accepted, acceptance
+    rate, pairs, and `sampled` (prompts drawn by this call).
     """
+    generation = generation or GenerationArguments()
     out_path = Path(out_path)
+    index_path = out_path.with_name(f"{out_path.stem}.prompts.jsonl")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _prompts_done(out_path)
-    unique = {json.dumps(p): p for p in prompts}  # duplicates would only repeat the same work
-    todo = [p for key, p in unique.items() if key not in done]
-    gen = torch.Generator().manual_seed(args.sampling_seed)
-    stats = {"prompts": len(todo), "candidates": 0, "accepted": 0, "pairs": 0}
-    with out_path.open("a") as f:
-        for start in tqdm(range(0, len(todo), prompts_per_batch), desc="rejection sampling"):
-            batch = todo[start : start + prompts_per_batch]
-            samples = generate_responses(
-                reference, tokenizer, batch, args.num_candidates, generation, generator_seed=args.sampling_seed + start,
-                progress=False,
-            )
-            for prompt, responses in zip(batch, samples):
-                rewards = oracle.score([stored_prompt(prompt)] * len(responses), responses)
-                accepted = rejection_sample(rewards, args.sampling_beta, args.r_max, gen)
-                kept = accepted.nonzero().flatten().tolist()
-                pairs = pair_by_reward([responses[i] for i in kept], [rewards[i].item() for i in kept])
-                stats["candidates"] += len(responses)
-                stats["accepted"] += len(kept)
-                stats["pairs"] += len(pairs)
-                record = {"prompt": prompt, "accepted": len(kept), "candidates": len(responses)}
-                for chosen, rejected, r_c, r_r in pairs:
-                    row = {**record, "chosen": chosen, "rejected": rejected, "chosen_reward": r_c,
-                           "rejected_reward": r_r}
-                    f.write(json.dumps(row) + "\n")
-            f.flush()
-    stats["acceptance_rate"] = stats["accepted"] / max(stats["candidates"], 1)
-    return stats
+    done = on_main_then_shared(lambda: _rso_done(out_path, index_path))
+    unique = unique_prompts(prompts)
+    groups = prompt_groups(list(unique), generation.generation_batch_size // args.num_candidates)
+    todo = [g for g in groups if any(key not in done for key in g)]
+
+    def work(keys: list[str]) -> list[dict]:
+        group = [unique[k] for k in keys]
+        samples = sample_completions(reference, tokenizer, group, args.num_candidates, generation,
+                                     seed=derived_seed(args.sampling_seed, "rso", *keys), progress=False)
+        return [_accept_and_pair(key, prompt, [c.text for c in cands], oracle, args)
+                for key, prompt, cands in zip(keys, group, samples)]
+
+    sampled = []
+
+    def write(keys: list[str], results: list[dict]) -> None:
+        for key, result in zip(keys, results):
+            if key in done:
+                continue
+            append_lines(out_path, [json.dumps(row) for row in result.pop("rows")])
+            append_lines(index_path, [json.dumps(result)])
+            done[key] = result
+            sampled.append(key)
+
+    run_groups(todo, work, write, desc="rejection sampling")
+    records = list(done.values())
+    stats = {key: sum(r[key] for r in records) for key in ("candidates", "accepted", "pairs")}
+    stats.update(prompts=len(records), sampled=len(sampled),
+                 acceptance_rate=stats["accepted"] / max(stats["candidates"], 1))
+    return on_main_then_shared(lambda: stats)
 
 
+def _accept_and_pair(key: str, prompt, responses: list[str], oracle: RewardOracle,
+                     args: RejectionSamplingArguments) -> dict:
+    """One prompt's candidates scored, accepted (a generator seeded by the prompt) and paired."""
+    rewards = oracle.score([prompt] * len(responses), responses)
+    generator = torch.Generator().manual_seed(derived_seed(args.sampling_seed, "accept", key))
+    kept = rejection_sample(rewards, args.sampling_beta, args.r_max, generator).nonzero().flatten().tolist()
+    pairs = pair_by_reward([responses[i] for i in kept], [rewards[i].item() for i in kept])
+    record = {"prompt": prompt, "accepted": len(kept), "candidates": len(responses)}
+    rows = [{**record, "chosen": as_turn(prompt, chosen), "rejected": as_turn(prompt, rejected),
+             "chosen_reward": r_c, "rejected_reward": r_r} for chosen, rejected, r_c, r_r in pairs]
+    return {**record, "pairs": len(pairs), "rows": rows}
 
-def _prompts_done(path: Path) -> set[str]:
-    if not path.exists():
-        return set()
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    try:
-        json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line: drop it
-        lines = lines[:-1]
-        path.write_text("".join(line + "\n" for line in lines))
-    return {json.dumps(json.loads(line)["prompt"]) for line in lines}
+
+def _rso_done(out_path: Path, index_path: Path) -> dict[str, dict]:
+    """{prompt key: index record} of finished prompts; pairs of unfinished prompts are dropped from the file."""
+    done = {prompt_key(r["prompt"]): r for r in read_jsonl(index_path)}
+    rows = read_jsonl(out_path)
+    kept = [row for row in rows if prompt_key(row["prompt"]) in done]
+    if len(kept) < len(rows):
+        rewrite_lines(out_path, [json.dumps(row) for row in kept])
+    return done
+
+
+def as_turn(prompt, response: str):
+    """A response in the prompt's format: a string, or an assistant message list for conversations
+    (TRL's conversational preference format)."""
+    return response if isinstance(prompt, str) else [{"role": "assistant", "content": response}]

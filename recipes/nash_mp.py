@@ -42,7 +42,7 @@ def main():
     win_rate_prompts = None
     if data_args.eval_dataset_path is not None:
         win_rate_prompts = load_prompt_dataset(data_args.eval_dataset_path, tokenizer=tokenizer, max_length=None)
-    oracle = build_oracle(oracle_args, **load)
+    oracle = build_oracle(oracle_args, dtype=model_args.dtype, **load)
     policy, reference = load_policy_and_reference(model_args, training_args.trust_remote_code)
 
     # 2. Iterations of (sample against the opponent, ask, store, policy-gradient step) x M, twice.

@@ -40,7 +40,7 @@ def main():
     load = dict(cache_dir=model_args.cache_dir, trust_remote_code=training_args.trust_remote_code)
     tokenizer = load_tokenizer(model_args.model_name_or_path, **load)
     prompts = load_prompt_dataset(data_args.dataset_path, tokenizer=tokenizer, max_length=None)
-    oracle = build_oracle(oracle_args, **load)
+    oracle = build_oracle(oracle_args, dtype=model_args.dtype, **load)
     policy, reference = load_policy_and_reference(model_args, training_args.trust_remote_code)
 
     # 2. The frozen feature map phi(x, y) of the reward learner. With LoRA the reference is the policy

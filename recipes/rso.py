@@ -11,8 +11,6 @@ DPOTrainer (loss_type hinge is RSO's; sigmoid is its sigmoid-norm).
 
 from pathlib import Path
 
-from accelerate import PartialState
-
 from klalign import (
     DPOConfig,
     DPOTrainer,
@@ -27,7 +25,9 @@ from klalign import (
     load_tokenizer,
     lora_config,
     parse_config,
+    place_frozen,
     resume_checkpoint,
+    whole_model_loading,
     write_summary,
 )
 from klalign.oracles import build_reward_oracle
@@ -40,27 +40,24 @@ def main():
     model_args, rso_args, generation_args, training_args = parse_config(*CONFIG_TYPES)
     pairs_path = Path(rso_args.rso_dataset_path or Path(training_args.output_dir) / "rso_pairs.jsonl")
 
-    # 1. Prompts and the reward first: bad input fails before any model is loaded.
+    # 1. Prompts first: bad input fails before any model is loaded.
     prompts = load_prompt_dataset(rso_args.prompt_dataset_path)["prompt"]
-    oracle = build_reward_oracle(rso_args.reward_fn, rso_args.reward_model_path, cache_dir=model_args.cache_dir)
     tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code, model_args.cache_dir)
 
-    # 2. Rejection sampling from the reference (the initial policy); pairs are appended as they come.
-    sampler = load_causal_lm(
-        model_args.ref_model_name_or_path or model_args.model_name_or_path,
-        dtype=model_args.dtype,
-        trust_remote_code=training_args.trust_remote_code,
-        adapter_path=None if model_args.ref_model_name_or_path else model_args.adapter_path,
-        trainable=False,
-        cache_dir=model_args.cache_dir,
-    )
-    # One process samples and writes the pairs file (the others would append the same pairs to it).
-    state = PartialState()
-    stats = {}
-    if state.is_main_process:
-        stats = build_rso_dataset(sampler, tokenizer, prompts, oracle, pairs_path, rso_args, generation_args)
-    state.wait_for_everyone()
-    del sampler
+    # 2. Rejection sampling from the reference (the initial policy), spread over the processes; each
+    # prompt's pairs are appended as they come. Sampler and reward model are whole on every process
+    # (they only run inference here), whatever the launch mode does to models it trains.
+    load = dict(dtype=model_args.dtype, trust_remote_code=training_args.trust_remote_code, cache_dir=model_args.cache_dir)
+    with whole_model_loading():
+        oracle = build_reward_oracle(rso_args.reward_fn, rso_args.reward_model_path, **load).prepare()
+        sampler = load_causal_lm(
+            model_args.ref_model_name_or_path or model_args.model_name_or_path,
+            adapter_path=None if model_args.ref_model_name_or_path else model_args.adapter_path,
+            trainable=False,
+            **load,
+        )
+    stats = build_rso_dataset(place_frozen(sampler), tokenizer, prompts, oracle, pairs_path, rso_args, generation_args)
+    del sampler, oracle
 
     # 3. Preference training on the pairs.
     train_dataset = load_preference_dataset(pairs_path, tokenizer=tokenizer, max_length=training_args.max_length)

@@ -17,7 +17,7 @@ from klalign.oracles import PreferenceOracle
 from klalign.testbed import SingleTokenBandit, TestbedPreference, read_policy
 from klalign.testbed_metrics import TestbedMetricsCallback
 from klalign.theory import exploitability, mirror_descent, nash_md, nash_mirror_prox
-from klalign.online import load_snapshot, swapped, take_snapshot
+from klalign.snapshots import load_snapshot, swapped, take_snapshot
 from klalign.trainers.nash_mp import NashMPConfig, NashMPTrainer
 
 EXACT = {"nash_mp": nash_mirror_prox, "mirror_descent": mirror_descent, "nash_md": nash_md}

@@ -73,7 +73,7 @@ def test_rso_dataset_is_written_as_it_goes_and_resumes(bed, tmp_path):
     gen = GenerationArguments(max_new_tokens=1)
     stats1 = build_rso_dataset(model, tokenizer, bandit.prompts * 3, counting, out, args, gen)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert stats1["prompts"] == 1 and rows and all(r["chosen_reward"] > r["rejected_reward"] for r in rows)
+    assert stats1["sampled"] == 1 and rows and all(r["chosen_reward"] > r["rejected_reward"] for r in rows)
     calls.clear()
     stats2 = build_rso_dataset(model, tokenizer, bandit.prompts, counting, out, args, gen)
-    assert stats2["prompts"] == 0 and calls == []  # done prompts are not sampled or scored again
+    assert stats2["sampled"] == 0 and calls == []  # done prompts are not sampled or scored again

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from klalign.enhancers import ENHANCERS, PairProposal
+from klalign.logprobs import kl_k3
 from klalign.losses import PREFERENCE_LOSSES, get_preference_loss
 from klalign.online import OnlineConfig, OnlineTrainer
 from klalign.oracles import PreferenceOracle, RewardOracle
@@ -211,7 +212,7 @@ class IterativeDPOTrainer(OnlineTrainer):
         logratios = torch.tensor([r["main_logratio"] for r in rows], dtype=torch.float64)
         if len(logratios):
             metrics["kl_k1"] = logratios.mean().item()
-            metrics["kl_k3"] = (torch.expm1(-logratios) + logratios).mean().item()
+            metrics["kl_k3"] = kl_k3(logratios).mean().item()
         rewards = [r["main_reward"] for r in rows if r["main_reward"] is not None]
         if rewards:
             metrics["main_reward"] = sum(rewards) / len(rewards)

@@ -33,13 +33,15 @@ the reference is the disabled adapter), otherwise all weights. Peak extra memory
 the trainable parameters (theta_k, theta_{k+1/2}, and the current iterate while an opponent is
 swapped in) plus the frozen reference when fine-tuning fully. To sample the opponent or read pi_k's
 log-probs the snapshot is swapped into the policy, so generation takes the policy's usual path
-(ZeRO-3 parameters are gathered for the swap). Nothing is written to disk: a resumed round restarts
-from its checkpoint (theta_k) and replays every inner step from the stored samples.
+(ZeRO-3 parameters are gathered for the swap). Under DeepSpeed with bf16 (or fp16) the optimizer
+keeps fp32 master weights: theta_k's masters are kept too (`klalign.snapshots`), and the full step
+restarts from them exactly, so updates below half a bf16 ulp survive the reset. Nothing is written
+to disk: a resumed round restarts from its checkpoint (theta_k) and replays every inner step from
+the stored samples.
 
 Optimizer. Each prox step is a new problem started from theta_k: the optimizer's state (Adam's
 moments and step count) is cleared at the start of every prox step, for every method, so the full
-step does not inherit moments of the half step's objective. Under DeepSpeed the fp32 master weights
-are refreshed after the reset to theta_k (to its 16-bit value under bf16). `anneal_prox_steps`
+step does not inherit moments of the half step's objective. `anneal_prox_steps`
 decays the step size within every prox step (a constant one leaves the prox solution a noise floor).
 
 Rows. Every inner step's pairs are a collection chunk of the round (`OnlineTrainer.collected`):
@@ -56,12 +58,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from klalign.geometric_mixture import sample_geometric_mixture
-from klalign.generation import _gathered_for_generation
-from klalign.logprobs import token_logprobs
-from klalign.online import OnlineConfig, OnlineTrainer, derived_seed, load_snapshot, swapped, take_snapshot
-from klalign.oracles import PreferenceOracle
 from klalign.feedback import stored_prompt
+from klalign.generation import gathered_for_generation, stop_token_ids
+from klalign.geometric_mixture import sample_geometric_mixture
+from klalign.logprobs import kl_k3, token_logprobs
+from klalign.online import OnlineConfig, OnlineTrainer
+from klalign.seeding import derived_seed
+from klalign.oracles import PreferenceOracle
+from klalign.snapshots import master_weights, reset, swapped, take_snapshot
 
 METHODS = ("nash_mp", "mirror_descent", "nash_md")
 
@@ -104,9 +108,12 @@ class NashMPConfig(OnlineConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.win_rate_prompts < 0:
             raise ValueError(f"win_rate_prompts must be >= 0, got {self.win_rate_prompts}")
-        if self.temperature != 1.0 or self.top_p != 1.0:
-            raise ValueError("the policy gradient needs samples from pi_theta itself: set temperature 1 and top_p 1")
         super().__post_init__()
+
+    on_policy = True  # REINFORCE needs samples of pi_theta itself
+
+    def equal_work_counts(self) -> dict[str, int]:
+        return {**super().equal_work_counts(), "win_rate_prompts": self.win_rate_prompts}
 
     @property
     def prox_steps(self) -> tuple[str, ...]:
@@ -193,20 +200,14 @@ class NashMPTrainer(OnlineTrainer):
         """Samples of the policy now in the model, or of its geometric mixture with pi_ref (Nash-MD)."""
         if self.args.method != "nash_md":
             return self.generate(prompts, n)
-        policy = self._policy
-        if self.ref_model is not None:
-            reference = self.ref_model
-        else:
-            def reference(**kwargs):
-                with policy.disable_adapter():
-                    return policy(**kwargs)
-        with _gathered_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+        with (gathered_for_generation(self.model_wrapped, self.accelerator) as unwrapped,
+              self.reference.mixture_partner(unwrapped) as reference):
             was_training = unwrapped.training
             unwrapped.eval()
             samples = sample_geometric_mixture(
                 unwrapped, reference, self.processing_class, prompts, n, self.args.eta * self.args.beta,
                 self.args.max_new_tokens, self.args.generation_batch_size, device=self.args.device,
-                synced=self.is_deepspeed_enabled and self.accelerator.num_processes > 1,
+                stop_ids=stop_token_ids(unwrapped, self.processing_class),
             )
             unwrapped.train(was_training)
         return samples
@@ -214,13 +215,15 @@ class NashMPTrainer(OnlineTrainer):
     # ---- update: the prox steps ----
 
     def update(self, round_index: int, rows: list[dict]) -> dict[str, float]:
-        anchor = take_snapshot(self._policy)  # theta_k
+        engine = self.model_wrapped if self.is_deepspeed_enabled else None
+        anchor = take_snapshot(self._policy)  # theta_k as the model computes with it: pi_k, swapped in
+        start = take_snapshot(self._policy, engine) if master_weights(engine) else anchor  # fp32 masters
         metrics: dict[str, float] = {}
         opponent, queries = anchor, 0
         for phase, name in enumerate(self.args.prox_steps):
             if phase > 0:  # Nash-MP's full step: opponent pi_{k+1/2}, restart from theta_k
                 opponent = take_snapshot(self._policy)
-                self._reset_to(anchor)
+                reset(self._policy, start, engine)
             stats, used = self._prox_step(round_index, phase, rows if phase == 0 else None, anchor, opponent)
             metrics.update({f"{name}/{k}": v for k, v in stats.items()})
             queries += used
@@ -264,7 +267,7 @@ class NashMPTrainer(OnlineTrainer):
         `anchor` None: theta is theta_k itself (an inner step 0), so the log-ratios to pi_k are zero."""
         batch = self.batch([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
         mask = batch["completion_mask"][:, 1:].float()  # (B, T-1): token t+1 is scored at t
-        ref_logps = self._reference_token_logprobs(batch)  # (B, T-1)
+        ref_logps = self.reference.token_logprobs(self.model_wrapped, batch)  # (B, T-1)
         anchor_logps = None
         if anchor is not None:
             with torch.no_grad(), swapped(self._policy, anchor):
@@ -289,22 +292,6 @@ class NashMPTrainer(OnlineTrainer):
         }
         return surrogate, stats
 
-    @torch.no_grad()
-    def _reference_token_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-token log-probs under pi_ref: the frozen model, or the policy with its adapter off. (B, T-1)"""
-        if self.ref_model is not None:
-            return token_logprobs(self.ref_model, **batch)
-        with self._policy.disable_adapter():
-            return token_logprobs(self.model_wrapped, **batch)
-
-    def _reset_to(self, state: dict) -> None:
-        """theta <- theta_k; DeepSpeed's fp32 master weights follow."""
-        load_snapshot(self._policy, state)
-        optimizer = self.optimizer
-        while optimizer is not None and not hasattr(optimizer, "refresh_fp32_params"):
-            optimizer = getattr(optimizer, "optimizer", None)
-        if optimizer is not None:
-            optimizer.refresh_fp32_params()
 
     def _fresh_optimizer_state(self) -> None:
         """Clear the moments and step counts, under accelerate's and DeepSpeed's wrappers."""
@@ -344,18 +331,14 @@ class NashMPTrainer(OnlineTrainer):
         return {
             "win_rate/vs_reference": vs_ref.mean().item(), "win_rate/vs_reference_sem": sem(vs_ref),
             "win_rate/vs_previous": vs_prev.mean().item(), "win_rate/vs_previous_sem": sem(vs_prev),
-            "kl_k1": logratio.mean().item(), "kl_k3": (torch.expm1(-logratio) + logratio).mean().item(),
+            "kl_k1": logratio.mean().item(), "kl_k3": kl_k3(logratio).mean().item(),
             **self._query_counts("eval_queries", sum(r["oracle_queries"] for r in rows)),
         }
 
     def _win_rate_rows(self, prompts: list, anchor: dict) -> list[dict]:
         n = self.args.win_rate_samples
         ours = [c for per_prompt in self.generate(prompts, n) for c in per_prompt]
-        if self.ref_model is not None:
-            refs = self.generate(prompts, n, model=self.ref_model)
-        else:
-            with self._policy.disable_adapter():
-                refs = self.generate(prompts, n)
+        refs = self.generate_reference(prompts, n)
         with swapped(self._policy, anchor):
             previous = self.generate(prompts, n)
         refs, previous = [c for p in refs for c in p], [c for p in previous for c in p]

@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 import torch
 
 from klalign.logprobs import kl_k3
-from klalign.online import OnlineConfig, OnlineTrainer, derived_seed
+from klalign.online import OnlineConfig, OnlineTrainer
+from klalign.seeding import derived_seed
 from klalign.oracles import PreferenceOracle, RewardOracle
 from klalign.reward_learning import FEATURE_MAPS, REWARD_LEARNERS, FeatureMap, RewardLearner, build_reward_learner
 
@@ -79,6 +80,8 @@ class OptimisticKLConfig(OnlineConfig):
     kl_penalty: str = field(default="k1_in_reward", metadata={"help": f"Where the KL enters: {list(KL_PENALTIES)}."})
     epochs_per_round: int = field(default=1, metadata={"help": "Passes over the round's samples."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO clip of pi / pi_old on off-policy steps."})
+
+    on_policy = True  # RLOO's gradient and the k1/k3 estimates are on samples of pi itself
 
     def __post_init__(self):
         choices = {"reward_learner": REWARD_LEARNERS, "kl_penalty": KL_PENALTIES, "feature_map": FEATURE_MAPS}
@@ -133,7 +136,7 @@ class OptimisticKLTrainer(OnlineTrainer):
         if not callable(feature_map) or not isinstance(getattr(feature_map, "dim", None), int):
             raise TypeError("feature_map must be a FeatureMap: phi(prompts, responses) -> (N, dim), with .dim")
         super().__init__(model, ref_model, args, train_dataset, processing_class, oracle, peft_config, callbacks)
-        self.feature_map = feature_map
+        self.feature_map = feature_map.prepare(self.accelerator)
         self.feedback: dict[int, RoundFeedback] = {}  # per-round learner inputs, rebuilt from the store
 
     def steps_per_round(self) -> int:

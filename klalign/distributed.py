@@ -1,0 +1,108 @@
+"""Where models live under each launch mode, and equal work on every process.
+
+Single process, DDP, DeepSpeed ZeRO-2 and ZeRO-3 (with `zero3_init_flag` true or false) each place
+models differently; this module is the one place that knows how.
+
+- The policy is loaded the way the launch mode loads models (under ZeRO-3 with `zero3_init_flag`,
+  transformers partitions it while loading) and wrapped by the Trainer.
+- Frozen models the trainers call (the reference, reward models, LM judges, feature models) are
+  prepared for inference with `prepare_frozen`, as TRL prepares its reference and reward models:
+  under DeepSpeed an inference engine (ZeRO-3 shards it, so every process must call it equally
+  often), otherwise the accelerator's device.
+- Models built or converted on one process (the tiny models, a GGUF conversion) and models that
+  generate outside a trainer (RSO's sampler, `BestOfNSampler`, `klalign evaluate`) are loaded whole
+  with `whole_model_loading`: partitioning them would make their forward passes collectives that
+  the other processes never join (a hang), and generating from a partitioned model gathers every
+  layer at every decoding step.
+- `check_equal_work` refuses, before any model loads, a configuration that would give processes
+  different numbers of prompts: under DDP and ZeRO-3 every forward and backward is a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+
+
+@contextlib.contextmanager
+def whole_model_loading():
+    """Load or build models whole in this block, even when DeepSpeed ZeRO-3 partitions models at load.
+
+    transformers partitions a model while loading whenever a ZeRO-3 DeepSpeed config is registered
+    (TrainingArguments registers it under `accelerate launch` with a ZeRO-3 config, whatever
+    `zero3_init_flag` says). The registration is a module-level weak reference with public
+    `set_hf_deepspeed_config` / `unset_hf_deepspeed_config` functions but no public getter, so the
+    current object is read from that private global to be put back afterwards.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # private: no public getter (see the docstring)
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def deepspeed_plugin(accelerator):
+    return getattr(accelerator.state, "deepspeed_plugin", None) if accelerator is not None else None
+
+
+def is_zero3(accelerator) -> bool:
+    plugin = deepspeed_plugin(accelerator)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its prepared form
+
+
+def prepare_frozen(model, accelerator):
+    """A frozen model ready for inference under the accelerator's launch mode (see the module docstring).
+
+    A model shared by two roles (a reward model that is also the feature model, a reference that
+    also gives features) is prepared once: the second call returns the first one's result.
+    """
+    if model in _PREPARED:
+        return _PREPARED[model]
+    model.eval().requires_grad_(False)
+    if deepspeed_plugin(accelerator) is not None:
+        from trl.models import prepare_deepspeed
+
+        prepared = prepare_deepspeed(model, accelerator)
+    else:
+        prepared = accelerator.prepare_model(model, evaluation_mode=True)
+    _PREPARED[model] = prepared
+    return prepared
+
+
+def place_frozen(model, accelerator=None, device=None):
+    """`prepare_frozen` on a trainer's accelerator, or the whole model moved to `device` (default: this
+    process's device) for work outside a trainer."""
+    if accelerator is not None:
+        return prepare_frozen(model, accelerator)
+    from accelerate import PartialState
+
+    return model.eval().requires_grad_(False).to(device or PartialState().device)
+
+
+def model_device(model) -> torch.device:
+    """The device a (possibly wrapped or partitioned) model computes on."""
+    return next(model.parameters()).device
+
+
+def check_equal_work(world_size: int, **counts: int) -> None:
+    """Raise unless every count is a multiple of the number of processes (names the fields)."""
+    bad = {name: n for name, n in counts.items() if n % world_size}
+    if bad:
+        fields = ", ".join(f"{name} ({n})" for name, n in bad.items())
+        raise ValueError(
+            f"{fields} must be a multiple of the number of processes ({world_size}): every process must get "
+            "the same number of prompts, since DDP and ZeRO-3 run each forward and backward pass in lockstep "
+            "(a process with less work would hang the others or crash)"
+        )

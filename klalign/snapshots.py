@@ -1,0 +1,116 @@
+"""Snapshots of the trainable parameters: theta_k of Nash-MP, the previous iterate of GSHF's enhancer.
+
+A snapshot is a copy of the trainable parameters (the LoRA adapter with PEFT, every weight
+otherwise), taken and restored on every process (under ZeRO-3 the copy gathers the shards: a
+collective, so no process may skip it).
+
+Two kinds of restore, for two uses:
+
+- `swapped(model, state)` puts another iterate's weights into the model for a few forward passes
+  (sampling the opponent, reading pi_k's log-probs) and then puts the current ones back bit for bit:
+  only the weights the model computes with are touched.
+- `reset(model, state, engine)` makes a snapshot the starting point of further training (Nash-MP's
+  full step restarts from theta_k). When the optimizer keeps fp32 master weights (DeepSpeed with bf16
+  or fp16), the masters are what training continues from, so the snapshot holds them and restores
+  them too. Restoring only the 16-bit copy and refreshing the masters from it would round theta_k to
+  bf16 at every iteration and erase every update smaller than half a bf16 ulp (lr 5e-6 updates on
+  weights of size ~1e-2 are), so training would stall.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _zero3(params) -> bool:
+    return any(hasattr(p, "ds_id") for _, p in params)
+
+
+def _gathered(params, modify: bool):
+    """Full values of ZeRO-3-partitioned parameters inside the block; a no-op without ZeRO-3."""
+    if not _zero3(params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0 if modify else None)
+
+
+def master_weights(engine) -> bool:
+    """True when `engine` is a DeepSpeed engine whose optimizer keeps fp32 masters of 16-bit weights."""
+    if engine is None or not hasattr(engine, "bfloat16_enabled") or getattr(engine, "optimizer", None) is None:
+        return False
+    return bool(engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+def take_snapshot(model, engine=None) -> dict[str, torch.Tensor]:
+    """A copy of the trainable parameters; with fp32 masters (see `master_weights`) their fp32 values.
+
+    Under ZeRO-3 with masters each process keeps only its own partition of the masters (1/world of
+    the memory); otherwise the full values.
+    """
+    params = _trainable(model)
+    if master_weights(engine):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+
+        if _zero3(params):
+            return {name: safe_get_local_fp32_param(p).detach().clone() for name, p in params}
+        return {name: safe_get_full_fp32_param(p).detach().clone() for name, p in params}
+    with _gathered(params, modify=False):
+        return {name: p.detach().clone() for name, p in params}
+
+
+def _write_weights(params, state: dict[str, torch.Tensor]) -> None:
+    """Copy full `state` values into the (gathered) weights the model computes with, cast to their dtype."""
+    with _gathered(params, modify=True), torch.no_grad():
+        for name, p in params:
+            if name in state:
+                p.copy_(state[name])
+
+
+def load_snapshot(model, state: dict[str, torch.Tensor]) -> None:
+    """Write a full-value snapshot into the weights the model computes with (every process the same values)."""
+    _write_weights(_trainable(model), state)
+
+
+def reset(model, state: dict[str, torch.Tensor], engine=None) -> None:
+    """Make `state` (from `take_snapshot(model, engine)`) the parameters training continues from:
+    the fp32 masters when the optimizer keeps them, and the 16-bit weights cast from them."""
+    params = _trainable(model)
+    if not master_weights(engine):
+        _write_weights(params, state)
+        return
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    if _zero3(params):
+        for name, p in params:
+            safe_set_local_fp32_param(p, state[name])
+        # The 16-bit partitions follow their masters: gather the restored masters and write them.
+        full = {name: safe_get_full_fp32_param(p) for name, p in params}
+    else:
+        for name, p in params:
+            safe_set_full_fp32_param(p, state[name])
+        full = state
+    _write_weights(params, full)
+
+
+@contextlib.contextmanager
+def swapped(model, state: dict[str, torch.Tensor] | None):
+    """Run the block with `state` in the model's weights (None: the current ones), then restore them exactly.
+
+    `state` holds full values: a snapshot taken without `engine`."""
+    if state is None:
+        yield
+        return
+    current = take_snapshot(model)
+    load_snapshot(model, state)
+    try:
+        yield
+    finally:
+        load_snapshot(model, current)
+
