@@ -50,6 +50,17 @@ def whole_model_loading():
         hf_deepspeed.set_hf_deepspeed_config(config)
 
 
+def process_state():
+    """accelerate's PartialState for a script that trains nothing (`klalign evaluate`, a best-of-N job): on
+    CPUs with the gloo backend, which is what runs there (DeepSpeed's CPU default, oneCCL, is not installed)."""
+    import os
+
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(**({"backend": "gloo"} if launched and not torch.cuda.is_available() else {}))
+
+
 def deepspeed_plugin(accelerator):
     return getattr(accelerator.state, "deepspeed_plugin", None) if accelerator is not None else None
 
@@ -72,13 +83,45 @@ def prepare_frozen(model, accelerator):
         return _PREPARED[model]
     model.eval().requires_grad_(False)
     if deepspeed_plugin(accelerator) is not None:
-        from trl.models import prepare_deepspeed
+        import deepspeed
 
-        prepared = prepare_deepspeed(model, accelerator)
+        prepared, *_ = deepspeed.initialize(model=model, config=inference_config(accelerator, model))
+        prepared.eval()
     else:
         prepared = accelerator.prepare_model(model, evaluation_mode=True)
     _PREPARED[model] = prepared
     return prepared
+
+
+def inference_config(accelerator, model) -> dict:
+    """The launch's DeepSpeed config for a frozen model, as TRL's `prepare_deepspeed` builds it: no
+    optimizer or scheduler; ZeRO-3 kept (the model is sharded), stages 0-2 become 0 (a whole copy per
+    process). Unlike TRL's, the hidden-size "auto" entries are filled in the nested dict (DeepSpeed
+    ignores TRL's dotted keys), since the policy's engine, which fills them, may not exist yet."""
+    import copy
+
+    config = copy.deepcopy(deepspeed_plugin(accelerator).deepspeed_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    if zero.get("stage", 0) != 3:
+        zero["stage"] = 0
+    else:
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        hidden = max(getattr(text, "hidden_sizes", None) or [text.hidden_size])
+        sized = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+                 "stage3_param_persistence_threshold": 10 * hidden}
+        zero.update({key: value for key, value in sized.items() if zero.get(key, "auto") == "auto"})
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if config.get(key) == "auto":
+            config[key] = 1
+    if config.get("train_batch_size") == "auto":
+        del config["train_batch_size"]
+    for dtype in ("bf16", "fp16"):
+        if config.get(dtype, {}).get("enabled") == "auto":
+            config[dtype]["enabled"] = accelerator.mixed_precision == dtype
+    return config
 
 
 def place_frozen(model, accelerator=None, device=None):

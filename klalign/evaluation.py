@@ -40,16 +40,21 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
+from accelerate import PartialState
+
 from klalign.best_of_n import best_of_n_curve, level_mass, sample_and_score
 from klalign.config import parse_config
 from klalign.data import DataError, load_prompt_dataset
 from klalign.evaluation_report import markdown_table, write_outputs
 from klalign.generation import GenerationArguments
 from klalign.logprobs import completion_batch, kl_k1, kl_k3, sequence_logprobs
+from klalign.distributed import place_frozen, process_state, whole_model_loading
 from klalign.models import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
 from klalign.oracles import RewardOracle, build_reward_oracle
+from klalign.prompt_jobs import on_main_then_shared, prompt_groups, run_groups
+from klalign.seeding import derived_seed, prompt_key
 
-CACHE_VERSION = 1  # part of every cache key: bump it when what a cached result means changes
+CACHE_VERSION = 2  # part of every cache key: bump it when what a cached result means changes
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model)([-.].*)?\.(safetensors|bin)$")
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -78,7 +83,7 @@ class EvaluationArguments:
         default="configs/data/tiny_prompts.jsonl", metadata={"help": "Held-out prompts (a prompt-only dataset)."}
     )
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first max_prompts prompts."})
-    reward_fn: str | None = field(default="vader", metadata={"help": "Reward function by name (klalign.rewards)."})
+    reward_fn: str | None = field(default=None, metadata={"help": "Reward function by name (klalign.rewards), e.g. vader."})
     reward_model_path: str | None = field(
         default=None, metadata={"help": "A sequence-classification reward model folder (instead of reward_fn)."}
     )
@@ -93,6 +98,9 @@ class EvaluationArguments:
     output_dir: str = field(default="runs/evaluation", metadata={"help": "Where tables, plot and cache go."})
     logprob_batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass for log-probs."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
+    device: str = field(
+        default="auto", metadata={"help": "Where models run: auto (a GPU when there is one, else the CPU), cpu, cuda, ..."}
+    )
     seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every model)."})
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where converted GGUF and tiny models are cached (default ~/.cache/klalign)."}
@@ -265,32 +273,45 @@ def completion_logprobs(model, completions: list, pad_token_id: int, batch_size:
 
 
 def _sample(model, tokenizer, oracle, prompts, args, generation, logprob_models: dict) -> dict:
-    """Sample n responses per prompt, score them, and take s(y) under each of `logprob_models`."""
-    completions, rewards = sample_and_score(
-        model, tokenizer, oracle, prompts, args.num_samples, generation, seed=args.seed, progress=True
-    )
-    flat = [c for per_prompt in completions for c in per_prompt]
-    shape = rewards.shape  # (P, n)
-    record = {
-        "texts": [[c.text for c in per_prompt] for per_prompt in completions],
-        "completion_ids": [[c.completion_ids for c in per_prompt] for per_prompt in completions],
-        "rewards": rewards.tolist(),
-    }
-    for name, scorer in logprob_models.items():
-        logps = completion_logprobs(scorer, flat, tokenizer.pad_token_id, args.logprob_batch_size)
-        record[name] = logps.reshape(shape).tolist()
-    return record
+    """Sample n responses per prompt, score them, and take s(y) under each of `logprob_models`.
+
+    Prompts are drawn in groups seeded by their identities, spread over the processes of a launch
+    (`klalign.prompt_jobs`): the samples are the same on any number of processes. Every process
+    returns the whole record; each field is (P, n) in prompt order.
+    """
+    keys = [prompt_key(p) for p in prompts]
+
+    def work(group: list[int]) -> list[dict]:
+        group_prompts = [prompts[i] for i in group]
+        completions, rewards = sample_and_score(model, tokenizer, oracle, group_prompts, args.num_samples, generation,
+                                                seed=derived_seed(args.seed, "evaluate", *(keys[i] for i in group)))
+        flat = [c for per_prompt in completions for c in per_prompt]
+        logps = {name: completion_logprobs(scorer, flat, tokenizer.pad_token_id, args.logprob_batch_size)
+                 .reshape(rewards.shape) for name, scorer in logprob_models.items()}  # (g, n) each
+        return [{"texts": [c.text for c in per_prompt], "completion_ids": [c.completion_ids for c in per_prompt],
+                 "rewards": rewards[j].tolist(), **{name: logp[j].tolist() for name, logp in logps.items()}}
+                for j, per_prompt in enumerate(completions)]
+
+    done: dict[int, dict] = {}
+    groups = prompt_groups(list(range(len(prompts))), generation.generation_batch_size // args.num_samples)
+    run_groups(groups, work, lambda group, results: done.update(zip(group, results)), desc="sampling")
+    done = on_main_then_shared(lambda: done)
+    return {field: [done[i][field] for i in range(len(prompts))] for field in done[0]}
 
 
 def _cached(path: Path, compute) -> dict:
-    """The JSON at `path`, or `compute()` written there atomically (a killed run leaves no torn entry)."""
-    if path.is_file():
-        return json.loads(path.read_text())
+    """The JSON at `path`, or `compute()` written there atomically (a killed run leaves no torn entry).
+
+    The main process decides and reads, so every process of a launch takes the same branch."""
+    record = on_main_then_shared(lambda: json.loads(path.read_text()) if path.is_file() else None)
+    if record is not None:
+        return record
     record = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(path)
+    if PartialState().is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
     return record
 
 
@@ -370,7 +391,10 @@ def _prepare(args: EvaluationArguments, generation: GenerationArguments, oracle:
         check_tokenizer(checkpoint, tokenizer, vocab_size)
     reward_id = _reward_id(args, oracle)
     if oracle is None:
-        oracle = build_reward_oracle(args.reward_fn, args.reward_model_path, cache_dir=args.cache_dir)
+        with whole_model_loading():
+            oracle = build_reward_oracle(args.reward_fn, args.reward_model_path, dtype=args.dtype,
+                                         cache_dir=args.cache_dir)
+        oracle.prepare(device=evaluation_device(args.device))
 
     gen = asdict(generation)
     settings = {
@@ -387,12 +411,17 @@ def _prepare(args: EvaluationArguments, generation: GenerationArguments, oracle:
     return _Plan(checkpoints, prompts, oracle, tokenizer, reference_path, reference_key, keys, settings)
 
 
-def _load(checkpoint: Checkpoint, plan: _Plan, args: EvaluationArguments):
-    """A full model from its folder, or the reference's weights with the adapter on top."""
-    common = dict(dtype=args.dtype, trainable=False, cache_dir=args.cache_dir)
-    if checkpoint.is_adapter:
-        return load_causal_lm(plan.reference_path, adapter_path=str(checkpoint.path), **common)
-    return load_causal_lm(str(checkpoint.path), **common)
+def _load(path: str, args: EvaluationArguments, adapter_path: str | None = None):
+    """A model whole on the evaluation device (`device`), in the configured dtype."""
+    with whole_model_loading():
+        model = load_causal_lm(path, dtype=args.dtype, adapter_path=adapter_path, trainable=False,
+                               cache_dir=args.cache_dir)
+    return place_frozen(model, device=evaluation_device(args.device))
+
+
+def evaluation_device(device: str) -> torch.device:
+    """`auto`: this process's accelerator (a GPU when there is one), else the CPU; or the named device."""
+    return PartialState().device if device == "auto" else torch.device(device)
 
 
 def evaluate_checkpoints(
@@ -410,7 +439,7 @@ def evaluate_checkpoints(
     def reference_model():
         nonlocal reference
         if reference is None:
-            reference = load_causal_lm(plan.reference_path, dtype=args.dtype, trainable=False, cache_dir=args.cache_dir)
+            reference = _load(plan.reference_path, args)
         return reference
 
     def sample_reference():
@@ -419,9 +448,10 @@ def evaluate_checkpoints(
 
     ref_samples = _cached(cache / f"reference-{plan.reference_key}.json", sample_reference)
     rows = []
-    for checkpoint in tqdm(plan.checkpoints, desc="checkpoints"):
+    for checkpoint in tqdm(plan.checkpoints, desc="checkpoints", disable=not PartialState().is_main_process):
         def sample_checkpoint(checkpoint=checkpoint):
-            model = _load(checkpoint, plan, args)
+            model = (_load(plan.reference_path, args, adapter_path=str(checkpoint.path)) if checkpoint.is_adapter
+                     else _load(str(checkpoint.path), args))
             record = _sample(model, plan.tokenizer, plan.oracle, plan.prompts, args, generation,
                              {"logprobs": model, "ref_logprobs": reference_model()})
             record["logratios"] = (np.asarray(record["logprobs"]) - np.asarray(record["ref_logprobs"])).tolist()
@@ -442,21 +472,25 @@ def evaluate_checkpoints(
         frontier=tilted_frontier_estimate(rewards, args.frontier_lambdas),
         settings={**plan.settings, "best_of_n_max": args.best_of_n_max},
     )
-    report.paths = write_outputs(report, args.output_dir)
+    if PartialState().is_main_process:
+        report.paths = write_outputs(report, args.output_dir)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`klalign evaluate --config configs/tiny/evaluate.yaml [--field value ...]`."""
+    """`klalign evaluate --config configs/tiny/evaluate.yaml [--field value ...]`; under `accelerate launch -m
+    klalign.cli evaluate ...` the prompts are spread over the processes."""
+    process_state()
     try:
         args, generation = parse_config(EvaluationArguments, GenerationArguments, args=argv)
         report = evaluate_checkpoints(args, generation)
     except (EvaluationError, DataError, FileNotFoundError) as error:
         print(f"klalign evaluate: error: {error}", file=sys.stderr)
         return 2
-    print(markdown_table(report))
-    for kind, path in report.paths.items():
-        print(f"{kind:>5}: {path}")
+    if PartialState().is_main_process:
+        print(markdown_table(report))
+        for kind, path in report.paths.items():
+            print(f"{kind:>5}: {path}")
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from accelerate.utils import is_peft_model
 
 from klalign.generation import GenerationArguments, gathered_for_generation, sample_completions
 from klalign.logprobs import token_logprobs
@@ -47,12 +48,17 @@ class Reference:
 
     @contextlib.contextmanager
     def forward_model(self, policy):
-        """A model whose forward pass is pi_ref's (HF keyword arguments), for log-probs and hidden states."""
+        """A model whose forward pass is pi_ref's (HF keyword arguments), for log-probs and hidden states.
+
+        With neither a frozen model nor an adapter, the policy itself (DPO's precomputed reference
+        log-probs, taken before any step; the online trainers refuse that combination)."""
         if self.ref_model is not None:
             yield self.ref_model
-            return
-        with self._adapter_off(policy):
+        elif not is_peft_model(self.accelerator.unwrap_model(policy)):
             yield policy
+        else:
+            with self._adapter_off(policy):
+                yield policy
 
     @torch.no_grad()
     def token_logprobs(self, policy, batch: dict[str, torch.Tensor]) -> torch.Tensor:

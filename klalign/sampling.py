@@ -65,7 +65,7 @@ class RejectionSamplingArguments:
     prompt_dataset_path: str = field(
         default="configs/data/tiny_prompts.jsonl", metadata={"help": "Prompts to sample for (a prompt-only dataset)."}
     )
-    reward_fn: str | None = field(default="vader", metadata={"help": "Reward function by name (klalign.rewards)."})
+    reward_fn: str | None = field(default=None, metadata={"help": "Reward function by name (klalign.rewards), e.g. vader."})
     reward_model_path: str | None = field(
         default=None, metadata={"help": "A sequence-classification reward model folder (instead of reward_fn)."}
     )

@@ -10,11 +10,12 @@ Two kinds of restore, for two uses:
   (sampling the opponent, reading pi_k's log-probs) and then puts the current ones back bit for bit:
   only the weights the model computes with are touched.
 - `reset(model, state, engine)` makes a snapshot the starting point of further training (Nash-MP's
-  full step restarts from theta_k). When the optimizer keeps fp32 master weights (DeepSpeed with bf16
-  or fp16), the masters are what training continues from, so the snapshot holds them and restores
-  them too. Restoring only the 16-bit copy and refreshing the masters from it would round theta_k to
-  bf16 at every iteration and erase every update smaller than half a bf16 ulp (lr 5e-6 updates on
-  weights of size ~1e-2 are), so training would stall.
+  full step restarts from theta_k). A DeepSpeed ZeRO optimizer keeps its own fp32 copy of the weights
+  (the masters, also in fp32 training) and steps from it, so the snapshot holds the masters
+  (`deepspeed.utils.safe_get_full_fp32_param`; under ZeRO-3 each process its own partition) and the
+  reset writes them back as well as the weights. Restoring only the 16-bit weights and refreshing the
+  masters from them would round theta_k to bf16 at every iteration and erase every update smaller than
+  half a bf16 ulp (lr 5e-6 updates on weights of size ~1e-2 are), so training would stall.
 """
 
 from __future__ import annotations
@@ -42,10 +43,23 @@ def _gathered(params, modify: bool):
 
 
 def master_weights(engine) -> bool:
-    """True when `engine` is a DeepSpeed engine whose optimizer keeps fp32 masters of 16-bit weights."""
-    if engine is None or not hasattr(engine, "bfloat16_enabled") or getattr(engine, "optimizer", None) is None:
+    """True when `engine` is a DeepSpeed engine whose optimizer keeps its own fp32 copy of the weights
+    (ZeRO stages 1-3 always, in fp32 too; stage 0 under bf16/fp16): training continues from that copy,
+    not from the weights the model computes with, so a reset must write it."""
+    if engine is None or not hasattr(engine, "zero_optimization_stage") or getattr(engine, "optimizer", None) is None:
         return False
-    return bool(engine.bfloat16_enabled() or engine.fp16_enabled())
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+
+
+def _refresh_masters_from_weights(engine) -> None:
+    """DeepSpeed stage 0 under bf16/fp16 keeps its masters where no public API reaches them one by one:
+    copy the (16-bit) weights into them, as that optimizer's own `refresh_fp32_params` does. Sub-ulp
+    differences are then lost; ZeRO stages 1-3 keep them (see the module docstring)."""
+    optimizer = engine.optimizer
+    while optimizer is not None and not hasattr(optimizer, "refresh_fp32_params"):
+        optimizer = getattr(optimizer, "optimizer", None)
+    if optimizer is not None:
+        optimizer.refresh_fp32_params()
 
 
 def take_snapshot(model, engine=None) -> dict[str, torch.Tensor]:
@@ -55,12 +69,12 @@ def take_snapshot(model, engine=None) -> dict[str, torch.Tensor]:
     the memory); otherwise the full values.
     """
     params = _trainable(model)
-    if master_weights(engine):
+    if master_weights(engine) and engine.zero_optimization_stage() > 0:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
 
         if _zero3(params):
             return {name: safe_get_local_fp32_param(p).detach().clone() for name, p in params}
-        return {name: safe_get_full_fp32_param(p).detach().clone() for name, p in params}
+        return {name: safe_get_full_fp32_param(p).detach().clone() for name, p in params}  # a collective
     with _gathered(params, modify=False):
         return {name: p.detach().clone() for name, p in params}
 
@@ -84,6 +98,10 @@ def reset(model, state: dict[str, torch.Tensor], engine=None) -> None:
     params = _trainable(model)
     if not master_weights(engine):
         _write_weights(params, state)
+        return
+    if engine.zero_optimization_stage() == 0:
+        _write_weights(params, state)
+        _refresh_masters_from_weights(engine)
         return
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
 

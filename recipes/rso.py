@@ -74,6 +74,7 @@ def main():
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()
     if trainer.accelerator.is_main_process:
         metrics = {**stats, "pairs_in_file": len(train_dataset),
                    "train_loss": trainer.state.log_history[-1].get("train_loss")}

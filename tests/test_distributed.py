@@ -1,9 +1,12 @@
-"""Two processes on one CPU machine (gloo): DDP and DeepSpeed ZeRO-2/3 give the 1-process numbers.
+"""Two processes on one CPU machine (gloo) under the shipped accelerate configs: every recipe, oracle and
+evaluator, with model oracles, as a user launches them.
 
-Run with `make test-distributed` (CI runs it too). Each case launches the shipped recipe with
-`accelerate launch` and the shipped accelerate config, with tiny overrides, and compares the
-logged losses with a 1-process run of the same global batch. Tolerance: 1e-4 absolute (the
-same float32 sums in another order).
+Run with `make test-distributed` (CI runs it too). `configs/accelerate/cpu_zero3.yaml` carries the
+DeepSpeed settings of the GPU config `configs/accelerate/zero3.yaml` (`zero3_init_flag: true`
+included; test_recipes.py checks they differ only where a CPU cannot follow), and "zero3_noinit" is
+the same launch with `--zero3_init_flag false`. Where the result is defined (an update on the same
+stored feedback; samples drawn with per-prompt seeds), 2 processes give the 1-process numbers within
+1e-4 (the same float32 sums in another order).
 """
 
 import json
@@ -14,27 +17,44 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT
 
 pytestmark = pytest.mark.distributed
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
-MULTI = {  # accelerate config -> (extra environment, extra recipe arguments)
-    "ddp": ("configs/accelerate/cpu_ddp.yaml", {"ACCELERATE_USE_CPU": "true"}, []),
-    "zero2": ("configs/accelerate/cpu_zero2.yaml", {}, ["--use_cpu", "false", "--ddp_backend", "gloo"]),
-    "zero3": ("configs/accelerate/cpu_zero3.yaml", {}, ["--use_cpu", "false", "--ddp_backend", "gloo"]),
+DEEPSPEED_ARGS = ["--use_cpu", "false", "--ddp_backend", "gloo"]  # STACK.md: DeepSpeed on CPU wants gloo
+MODES = {  # name -> (accelerate config, extra launcher args, extra environment, extra recipe args)
+    "single": ("configs/accelerate/cpu.yaml", [], {}, []),
+    "ddp": ("configs/accelerate/cpu_ddp.yaml", [], {"ACCELERATE_USE_CPU": "true"}, []),
+    "zero2": ("configs/accelerate/cpu_zero2.yaml", [], {}, DEEPSPEED_ARGS),
+    "zero3": ("configs/accelerate/cpu_zero3.yaml", [], {}, DEEPSPEED_ARGS),
+    "zero3_noinit": ("configs/accelerate/cpu_zero3.yaml", ["--zero3_init_flag", "false"], {}, DEEPSPEED_ARGS),
 }
 
 
-def launch(mode: str, recipe: str, config: str, *args: str) -> subprocess.CompletedProcess:
-    accelerate_config, env, extra = MULTI[mode] if mode in MULTI else ("configs/accelerate/cpu.yaml", {}, [])
+def launch(mode: str, script: list[str], *args: str, recipe: bool = True, env: dict | None = None,
+           launcher: list[str] = (), timeout: int = 900) -> subprocess.CompletedProcess:
+    """`accelerate launch [launcher args] <script> <args>` with the mode's config; fails the test on error."""
+    config, launcher_args, mode_env, recipe_args = MODES[mode]
     proc = subprocess.run(
-        [*LAUNCH, "--config_file", accelerate_config, recipe, "--config", config, *args, *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **env},
+        [*LAUNCH, "--config_file", config, *launcher_args, *launcher, *script, *args, *(recipe_args if recipe else [])],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **mode_env, **(env or {})},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+def config_with(tmp_path, base: str, drop: tuple = (), **changes) -> str:
+    """A copy of a shipped config with some keys dropped or changed (e.g. a reward model for the function)."""
+    config = yaml.safe_load((ROOT / base).read_text())
+    for key in drop:
+        config.pop(key)
+    config.update(changes)
+    path = tmp_path / f"{os.path.basename(base)}"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
 
 
 def logged(folder, key="loss"):
@@ -42,33 +62,79 @@ def logged(folder, key="loss"):
     return [entry[key] for entry in state["log_history"] if key in entry]
 
 
+# ----------------------------------------------------------------------------- offline DPO
+
+
+DPO = ["recipes/dpo.py", "--config", "configs/tiny/dpo.yaml", "--max_steps", "4", "--logging_steps", "1"]
+
+
 @pytest.fixture(scope="module")
 def dpo_single(tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo-1")
-    launch("single", "recipes/dpo.py", "configs/tiny/dpo.yaml", "--output_dir", str(out), "--max_steps", "4",
-           "--logging_steps", "1", "--per_device_train_batch_size", "16")
+    launch("single", DPO + ["--output_dir", str(out), "--per_device_train_batch_size", "16"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def dpo_zero3(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo-zero3")
+    launch("zero3", DPO + ["--output_dir", str(out), "--per_device_train_batch_size", "8"])
     return out
 
 
 @pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
-def test_dpo_matches_one_process(mode, dpo_single, tmp_path):
-    launch(mode, "recipes/dpo.py", "configs/tiny/dpo.yaml", "--output_dir", str(tmp_path), "--max_steps", "4",
-           "--logging_steps", "1", "--per_device_train_batch_size", "8")
-    single, multi = logged(dpo_single), logged(tmp_path)
+def test_dpo_matches_one_process(mode, dpo_single, dpo_zero3, tmp_path):
+    out = dpo_zero3
+    if mode != "zero3":
+        out = tmp_path
+        launch(mode, DPO + ["--output_dir", str(out), "--per_device_train_batch_size", "8"])
+    single, multi = logged(dpo_single), logged(out)
     assert len(multi) == 4 and multi == pytest.approx(single, abs=1e-4)
     assert multi[-1] < multi[0]  # it trains
 
 
-def test_zero3_checkpoint_reloads_as_a_plain_hf_model(dpo_single, tmp_path):
+def test_zero3_checkpoint_reloads_as_a_plain_hf_model(dpo_single, dpo_zero3):
     from transformers import AutoModelForCausalLM
 
-    launch("zero3", "recipes/dpo.py", "configs/tiny/dpo.yaml", "--output_dir", str(tmp_path), "--max_steps", "4",
-           "--per_device_train_batch_size", "8")
-    sharded = AutoModelForCausalLM.from_pretrained(tmp_path)  # gathered 16-bit save: a full model
+    sharded = AutoModelForCausalLM.from_pretrained(dpo_zero3)  # gathered 16-bit save: a full model
     plain = AutoModelForCausalLM.from_pretrained(dpo_single)
     for (name, a), (_, b) in zip(sharded.state_dict().items(), plain.state_dict().items()):
         assert a.shape == b.shape and a.numel() > 0, name
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_two_machines_of_one_process_equal_two_processes_on_one_machine(dpo_single, tmp_path):
+    """`--num_machines 2 --machine_rank 0/1` with the main address on the loopback: the multi-node launch
+    path (the same rendezvous a cluster uses), here with both "machines" on this host."""
+    out = tmp_path / "run"
+    common = [*LAUNCH, "--config_file", "configs/accelerate/cpu_multinode.yaml", "--num_processes", "2",
+              "--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", "29517"]
+    recipe = [*DPO, "--output_dir", str(out), "--per_device_train_batch_size", "8"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    procs = [subprocess.Popen([*common, "--machine_rank", str(rank), *recipe], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    assert logged(out) == pytest.approx(logged(dpo_single), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- RSO: data step with a reward model
+
+
+def test_rso_with_a_reward_model_writes_the_one_process_pairs_and_trains(tmp_path):
+    config = config_with(tmp_path, "configs/tiny/rso.yaml", drop=("reward_fn",), reward_model_path="tiny:reward")
+    args = ["--num_candidates", "4", "--max_new_tokens", "6", "--num_train_epochs", "1", "--sampling_beta", "1.0"]
+    runs = {}
+    for mode in ("single", "zero3"):
+        runs[mode] = tmp_path / mode
+        launch(mode, ["recipes/rso.py", "--config", config, "--output_dir", str(runs[mode]), *args])
+    pairs = {mode: (out / "rso_pairs.jsonl").read_text() for mode, out in runs.items()}
+    assert pairs["zero3"] == pairs["single"] and pairs["single"]  # per-prompt seeds: the same pairs
+    summary = json.loads((runs["zero3"] / "summary.json").read_text())["metrics"]
+    assert summary["candidates"] == 40 * 4 and summary["train_loss"] is not None
+
+
+# ----------------------------------------------------------------------------- iterative DPO (GSHF)
 
 
 ONLINE = ["--num_rounds", "2", "--prompts_per_round", "8", "--prompts_per_chunk", "8", "--max_new_tokens", "6",
@@ -76,50 +142,111 @@ ONLINE = ["--num_rounds", "2", "--prompts_per_round", "8", "--prompts_per_chunk"
 
 
 @pytest.fixture(scope="module")
-def iterative_single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("it-1")
-    launch("single", "recipes/iterative_dpo.py", "configs/tiny/iterative_dpo.yaml", "--output_dir", str(out),
-           *ONLINE, "--per_device_train_batch_size", "8")
-    return out
+def reward_model_iterative(tmp_path_factory):
+    """The iterative config with a reward model as the oracle, and its 1-process run."""
+    tmp = tmp_path_factory.mktemp("it-rm")
+    config = config_with(tmp, "configs/tiny/iterative_dpo.yaml", drop=("reward_fn",), reward_model_path="tiny:reward")
+    out = tmp / "single"
+    launch("single", ["recipes/iterative_dpo.py", "--config", config, "--output_dir", str(out), *ONLINE,
+                      "--per_device_train_batch_size", "8"])
+    return config, out
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
-def test_iterative_dpo_update_matches_one_process(mode, iterative_single, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3", "zero3_noinit"])
+def test_iterative_dpo_update_matches_one_process(mode, reward_model_iterative, tmp_path):
     """Given the same feedback (the 1-process run's store), N processes make the same updates."""
-    shutil.copytree(iterative_single / "feedback", tmp_path / "feedback")
-    launch(mode, "recipes/iterative_dpo.py", "configs/tiny/iterative_dpo.yaml", "--output_dir", str(tmp_path), *ONLINE)
-    single = [h for h in logged(iterative_single / "checkpoint-round-00001", "round")]
-    state = json.loads((tmp_path / "checkpoint-round-00001" / "trainer_state.json").read_text())["log_history"]
-    expected = [h["loss"] for h in json.loads(
-        (iterative_single / "checkpoint-round-00001" / "trainer_state.json").read_text())["log_history"]]
-    assert len(single) == 2
-    assert [h["loss"] for h in state] == pytest.approx(expected, abs=1e-4)
+    config, single = reward_model_iterative
+    shutil.copytree(single / "feedback", tmp_path / "feedback")
+    launch(mode, ["recipes/iterative_dpo.py", "--config", config, "--output_dir", str(tmp_path), *ONLINE])
+    expected = logged(single / "checkpoint-round-00001")
+    assert len(expected) == 2 and logged(tmp_path / "checkpoint-round-00001") == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero3"])
-def test_iterative_dpo_generates_with_sharded_parameters(mode, tmp_path):
-    launch(mode, "recipes/iterative_dpo.py", "configs/tiny/iterative_dpo.yaml", "--output_dir", str(tmp_path), *ONLINE)
+@pytest.mark.parametrize("enhancer", ["best_vs_worst", "temperature", "previous_checkpoint", "rejection_sampling",
+                                      "uncertainty"])
+def test_iterative_dpo_enhancers_with_a_reward_model_under_zero3(enhancer, tmp_path):
+    """Fresh collection with every enhancer, the reward model sharded like the policy. best_vs_worst
+    builds `tiny:reward` inside the run (the build once hung the other process at a barrier); the
+    others read a local reward-model folder (which once failed with "'weight' must be 2-D")."""
     from klalign.feedback import FeedbackStore
+    from klalign.tiny import save_tiny_model
 
-    rows = FeedbackStore(tmp_path / "feedback").dataset().to_list()
+    env = {}
+    if enhancer == "best_vs_worst":
+        reward_model, env = "tiny:reward", {"KLALIGN_CACHE": str(tmp_path / "fresh-cache")}
+    else:
+        reward_model = str(save_tiny_model("reward", tmp_path / "reward-model"))
+    config = config_with(tmp_path, "configs/tiny/iterative_dpo.yaml", drop=("reward_fn",),
+                         reward_model_path=reward_model, enhancer=enhancer)
+    launch("zero3", ["recipes/iterative_dpo.py", "--config", config, "--output_dir", str(tmp_path / "run"), *ONLINE],
+           env=env, timeout=600)
+    rows = FeedbackStore(tmp_path / "run" / "feedback").dataset().to_list()
     assert len(rows) == 16 and all(len(r["chosen_ids"]) > 0 for r in rows)  # both rounds, both processes
-    summary = json.loads((tmp_path / "summary.json").read_text())["metrics"]
+    assert all(r["chosen_reward"] is not None for r in rows)  # labelled by the reward model
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
     assert "round 1 kl_k3" in summary
 
 
-def test_optimistic_kl_trains_under_ddp(tmp_path):
-    launch("ddp", "recipes/optimistic_kl.py", "configs/tiny/optimistic_kl.yaml", "--output_dir", str(tmp_path),
-           "--num_rounds", "2", "--prompts_per_round", "8", "--prompts_per_chunk", "8", "--max_new_tokens", "8")
+# ----------------------------------------------------------------------------- optimistic KL, Nash
+
+
+def test_optimistic_kl_with_reward_model_features_under_zero3(tmp_path):
     from klalign.feedback import FeedbackStore
 
-    assert FeedbackStore(tmp_path / "feedback").rounds() == [0, 1]
-    assert (tmp_path / "summary.json").exists() and (tmp_path / "checkpoint-round-00001").is_dir()
+    config = config_with(tmp_path, "configs/tiny/optimistic_kl.yaml", drop=("reward_fn",),
+                         reward_model_path="tiny:reward", feature_map="reward_model")
+    launch("zero3", ["recipes/optimistic_kl.py", "--config", config, "--output_dir", str(tmp_path / "run"), *ONLINE])
+    assert FeedbackStore(tmp_path / "run" / "feedback").rounds() == [0, 1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
+    assert summary["round 1 bonus"] > 0 and "round 1 oracle_reward" in summary
 
 
-def test_rso_trains_under_ddp(tmp_path):
-    launch("ddp", "recipes/rso.py", "configs/tiny/rso.yaml", "--output_dir", str(tmp_path), "--num_candidates", "4",
-           "--max_new_tokens", "6", "--num_train_epochs", "1", "--sampling_beta", "1.0")
-    summary = json.loads((tmp_path / "summary.json").read_text())["metrics"]
-    assert summary["candidates"] == 40 * 4 and summary["train_loss"] is not None
-    pairs = (tmp_path / "rso_pairs.jsonl").read_text().splitlines()
-    assert len(pairs) == len(set(pairs)) == summary["pairs_in_file"]  # written once, by one process
+@pytest.mark.parametrize("method", ["nash_mp", "nash_md"])
+def test_nash_with_a_local_lm_judge_under_zero3(method, tmp_path):
+    from klalign.feedback import FeedbackStore
+
+    config = config_with(tmp_path, "configs/tiny/nash_mp.yaml", drop=("reward_fn", "bradley_terry_temperature"),
+                         judge_model_path="tiny:policy", method=method)
+    launch("zero3", ["recipes/nash_mp.py", "--config", config, "--output_dir", str(tmp_path / "run"),
+                     "--num_rounds", "2", "--max_new_tokens", "6"])
+    rows = FeedbackStore(tmp_path / "run" / "feedback").round_rows(1)
+    assert rows and all(0.0 <= r["preference_prob"] <= 1.0 for r in rows if "preference_prob" in r)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
+    assert "round 1 win_rate/vs_reference" in summary
+
+
+# ----------------------------------------------------------------------------- evaluation and best-of-N
+
+
+def test_evaluate_with_a_reward_model_matches_one_process(tmp_path, dpo_single):
+    config = config_with(tmp_path, "configs/tiny/evaluate.yaml", drop=("reward_fn",), reward_model_path="tiny:reward",
+                         checkpoints=[str(dpo_single)], max_new_tokens=8)
+    tables = {}
+    for mode in ("single", "zero3"):
+        out = tmp_path / mode
+        launch(mode, ["-m", "klalign.cli", "evaluate", "--config", config, "--output_dir", str(out)], recipe=False)
+        tables[mode] = json.loads((out / "tradeoff.json").read_text())
+    for one, two in zip(tables["single"]["checkpoints"], tables["zero3"]["checkpoints"]):
+        for key in ("reward", "kl_k1", "kl_k3"):
+            assert two[key] == pytest.approx(one[key], abs=1e-4), key
+    for one, two in zip(tables["single"]["best_of_n"], tables["zero3"]["best_of_n"]):
+        assert two["reward"] == pytest.approx(one["reward"], abs=1e-4)
+
+
+def test_best_of_n_sampler_with_a_reward_model_matches_one_process(tmp_path):
+    outputs = {}
+    for mode in ("single", "zero3"):
+        outputs[mode] = tmp_path / f"{mode}.jsonl"
+        launch(mode, ["tests/scripts/best_of_n_job.py", str(outputs[mode])], recipe=False)
+    lines = {mode: path.read_text().splitlines() for mode, path in outputs.items()}
+    assert len(lines["single"]) == 10 and sorted(lines["zero3"]) == sorted(lines["single"])
+
+
+def test_gpu_check_plumbing_runs_on_cpu(tmp_path):
+    """bench/gpu_check.py --smoke: every recipe and `klalign evaluate` under single-process ZeRO-3 and plain,
+    through the GPU check's own launcher and table (the GPU run itself needs a GPU)."""
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "table.json").read_text())
+    assert len(rows) == 12 and all(r["status"] == "ok" and float(r["tokens/s"]) > 0 for r in rows)

@@ -47,7 +47,7 @@ def arguments(bed, output, **overrides):
     fields = dict(
         checkpoints=[str(bed["root"] / "run")], reference_model_path=str(bed["root"] / "ref"),
         prompt_dataset_path=str(bed["prompts"]), num_samples=256, best_of_n_max=8,
-        frontier_lambdas=[0.0, 0.5, 1.0, 2.0], output_dir=str(output), logprob_batch_size=256,
+        frontier_lambdas=[0.0, 0.5, 1.0, 2.0], output_dir=str(output), logprob_batch_size=256, reward_fn="vader",
     )
     return EvaluationArguments(**{**fields, **overrides})
 

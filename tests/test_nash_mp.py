@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,3 +339,37 @@ def test_nash_md_samples_its_mixture_against_a_zero3_sharded_reference(tmp_path)
     rows = FeedbackStore(tmp_path / "feedback").round_rows(1)
     training = [r for r in rows if "opponent_policy" in r]
     assert len(training) == 2 * 8 * 2 and {r["opponent_policy"] for r in training} == {"mixture(pi_k, pi_ref)"}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_masters_keep_updates_below_half_a_bf16_ulp(stage, tmp_path):
+    """DeepSpeed bf16 (on CPU) keeps fp32 master weights. With lr 1e-6, each iteration moves a weight of
+    size ~0.02 by ~1e-6, far below half its bf16 ulp (~6e-5): if resetting to theta_k rounded the masters
+    to bf16, every iteration would restart from theta_0 and the masters' distance from it would stay at
+    one full step's worth. Restored exactly, it grows with the iterations."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from klalign.models import resolve_model_path
+
+    # ZeRO-3's DeepSpeed file takes bf16 from the training config; the ZeRO-2 YAML from the launcher.
+    config = (["configs/accelerate/cpu_zero3.yaml"] if stage == 3
+              else ["configs/accelerate/cpu_zero2.yaml", "--mixed_precision", "bf16"])
+    rounds = 4
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", *config, "--num_processes", "1",
+         "recipes/nash_mp.py", "--config", "configs/tiny/nash_mp.yaml", "--output_dir", str(tmp_path),
+         "--num_rounds", str(rounds), "--prompts_per_round", "8", "--max_new_tokens", "6", "--win_rate_prompts", "0",
+         "--learning_rate", "1e-6", "--save_total_limit", str(rounds),
+         "--bf16", "true", "--use_cpu", "true"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    initial = load_file(str(Path(resolve_model_path("tiny:policy")) / "model.safetensors"))
+    start = {k: v.to(torch.bfloat16).float() for k, v in initial.items()}  # the masters begin at bf16(theta_0)
+    drift = []
+    for r in range(rounds):
+        masters = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / f"checkpoint-round-{r:05d}"))
+        drift.append(sum((masters[k].float() - start[k]).square().sum().item() for k in start) ** 0.5)
+    assert 0 < drift[0] and drift[-1] > 1.5 * drift[0], drift

@@ -99,3 +99,41 @@ def test_every_config_starts_with_its_command_and_parses(config):
     overrides = [] if types[0] is EvaluationArguments else ["--bf16", "false", "--use_cpu", "true"]
     parsed = parse_config(*types, args=["--config", config, *overrides])
     assert len(parsed) == len(types)
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for key, value in (d or {}).items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+# What a CPU cannot take from a GPU launch config: mixed precision (bf16 needs a GPU here), the device,
+# and the process and machine layout. The DeepSpeed settings are one shared file.
+CPU_ONLY_KEYS = {"mixed_precision", "use_cpu", "num_processes", "num_machines", "machine_rank", "main_process_ip",
+                 "main_process_port"}
+
+
+@pytest.mark.parametrize("gpu", ["zero3.yaml", "multinode_zero3.yaml"])
+def test_cpu_zero3_config_mirrors_the_gpu_configs(gpu):
+    """The CPU test matrix runs the GPU users' DeepSpeed settings (zero3_init_flag included)."""
+    import yaml
+
+    cpu = _flat(yaml.safe_load((ROOT / "configs/accelerate/cpu_zero3.yaml").read_text()))
+    ours = _flat(yaml.safe_load((ROOT / "configs/accelerate" / gpu).read_text()))
+    differ = {k for k in set(cpu) | set(ours) if cpu.get(k) != ours.get(k)}
+    assert differ <= CPU_ONLY_KEYS, sorted(differ - CPU_ONLY_KEYS)
+    assert ours["deepspeed_config.zero3_init_flag"] is True and cpu["deepspeed_config.zero3_init_flag"] is True
+
+
+@pytest.mark.slow
+def test_smollm2_rso_config_runs_end_to_end(tmp_path):
+    """The README's SmolLM2 RSO line, as shipped: conversational prompts, so the pairs it writes are
+    conversations with assistant-message responses, which its own loader then reads and trains on."""
+    proc = run_script(["recipes/rso.py", "--config", "configs/smollm2/rso.yaml", "--output_dir", str(tmp_path / "run")],
+                      timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rso_pairs.jsonl").read_text().splitlines()]
+    assert rows and isinstance(rows[0]["prompt"], list) and rows[0]["chosen"][0]["role"] == "assistant"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
+    assert summary["pairs_in_file"] == len(rows) and summary["train_loss"] is not None

@@ -9,17 +9,16 @@ logged metrics. On the same model, reference, data and `beta`, its loss equals T
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import trl
 from accelerate.utils import is_peft_model
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
 
 from klalign.logprobs import sequence_logprobs
 from klalign.losses import PREFERENCE_LOSSES, get_preference_loss
+from klalign.reference import Reference
 
 
 @dataclass
@@ -73,26 +72,29 @@ class DPOTrainer(trl.DPOTrainer):
         self.preference_loss = get_preference_loss(args.loss_type)
         super().__init__(model, ref_model, args, *pargs, **kwargs)
 
-    def _reference_context(self):
-        """With LoRA and no reference model, the reference is the policy with its adapter disabled."""
+    @property
+    def reference(self) -> Reference:
+        """pi_ref (`klalign.reference`): `ref_model`, or with LoRA the policy with its adapter disabled (TRL's
+        "ref" adapter when the model carries one). Without either, the policy itself: only TRL's
+        precomputation calls it so, before any step, when the policy still is the reference."""
+        adapter = None
         if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        return contextlib.nullcontext()
+            adapter = "ref" if "ref" in self.accelerator.unwrap_model(self.model).peft_config else None
+        return Reference(self.ref_model, self.accelerator, adapter_name=adapter)
 
     @staticmethod
     def _split_inputs(inputs):
         return inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
 
     def compute_ref_log_probs(self, model, inputs):
-        """Reference `s(y)` for one batch: ((B,), (B,)) for chosen and rejected."""
+        """Reference `s(y)` for one batch: ((B,), (B,)) for chosen and rejected. (`model` is TRL's
+        argument; the reference is always `self.reference`.)"""
+        batch = dict(zip(("input_ids", "attention_mask", "completion_mask"), self._split_inputs(inputs)))
         with (
-            torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            self._reference_context(),
             self.accelerator.autocast(),
         ):
-            ref_logps = sequence_logprobs(model, *self._split_inputs(inputs))
+            ref_logps = self.reference.sequence_logprobs(self.model, batch)
         return ref_logps.chunk(2, dim=0)
 
     def _reference_logprobs(self, inputs):
@@ -115,6 +117,9 @@ class DPOTrainer(trl.DPOTrainer):
         )
         loss = per_pair.mean()
         self._log_pair_metrics(mode, chosen_logratios, rejected_logratios, chosen_logps, rejected_logps)
+        if mode == "train":  # tokens trained on so far (prompt + completion, all processes), as TRL logs it
+            self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         if return_outputs:
             with torch.no_grad():
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers.utils import logging
 
 from klalign.enhancers import ENHANCERS, PairProposal
 from klalign.logprobs import kl_k3
@@ -31,6 +32,8 @@ from klalign.losses import PREFERENCE_LOSSES, get_preference_loss
 from klalign.online import OnlineConfig, OnlineTrainer
 from klalign.oracles import PreferenceOracle, RewardOracle
 from klalign.feedback import stored_prompt
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -75,6 +78,9 @@ class IterativeDPOTrainer(OnlineTrainer):
             raise TypeError(f"enhancer {args.enhancer!r} ranks n samples and needs a RewardOracle, got "
                             f"{type(oracle).__name__}")
         super().__init__(model, ref_model, args, train_dataset, processing_class, oracle, peft_config, callbacks)
+        if args.temperature != 1.0 or args.top_p != 1.0:  # DPO itself needs no on-policy samples; the KL estimates do
+            logger.warning(f"temperature={args.temperature}, top_p={args.top_p}: the logged kl_k1 and kl_k3 are "
+                           "estimated on samples of the tempered or truncated policy, not of pi, and are biased")
         self.enhancer = enhancer_cls(self)
         self.preference_loss = get_preference_loss(args.loss_type)
 

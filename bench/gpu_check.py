@@ -1,0 +1,300 @@
+"""One command that checks klalign on a GPU: every recipe for a few steps or rounds on a ~0.7B Llama
+built from a config in bf16 (a reward model and an LM judge built the same way), under single-GPU
+DeepSpeed ZeRO-3 bf16 (the settings of configs/accelerate/zero3.yaml, one process) and under plain bf16.
+
+    python bench/gpu_check.py                  # on a machine with a CUDA GPU; about 6 minutes on an H200
+    python bench/gpu_check.py --smoke          # the same plumbing on CPU with tiny models (fp32), a minute or two
+
+No downloads: the tokenizer is trained in-process and the models are built from configs. Prints one
+table: recipe, launch mode, ok/failed, tokens/s, peak GPU memory, and the DPO step's model FLOPs
+utilisation. tokens/s counts, per recipe: DPO and RSO's training, tokens trained on per second of
+training; the online recipes and evaluation, sampled response tokens per second of the whole run.
+The last row checks that Nash-MP under ZeRO-3 bf16 keeps updates smaller than half a bf16 ulp (the
+fp32 master weights must keep drifting round after round instead of being reset to bf16 values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+H200_BF16_FLOPS = 989e12  # dense bf16 peak of an H100/H200 SXM, FLOP/s
+
+
+# ----------------------------------------------------------------------------- measuring one launch
+
+
+def measured_run(report: str, script: str, argv: list[str]) -> None:
+    """Run `script` as __main__ with `argv`; rank 0 writes wall time and peak GPU memory to `report`."""
+    import atexit
+
+    import torch
+
+    start = time.time()
+
+    def write():
+        if int(os.environ.get("RANK", "0")) == 0:
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+            Path(report).write_text(json.dumps({"wall_s": time.time() - start, "peak_gib": peak}))
+
+    atexit.register(write)
+    if script == "-m":  # a module, as `python -m`
+        sys.argv = argv
+        runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = [script, *argv]
+        runpy.run_path(script, run_name="__main__")
+
+
+# ----------------------------------------------------------------------------- building the models
+
+
+def build_models(out: Path, smoke: bool) -> dict[str, str]:
+    """Policy (also the judge) and reward model folders, bf16 on GPU (fp32 for the smoke run)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from klalign.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+            if smoke else
+            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                 num_key_value_heads=4))
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **size)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    paths = {}
+    for name, cls, labels in (("policy", LlamaForCausalLM, None), ("reward", LlamaForSequenceClassification, 1)):
+        folder = out / "models" / name
+        if not (folder / "config.json").exists():
+            torch.manual_seed(0)
+            model_config = config.__class__(**{**config.to_dict(), **({"num_labels": labels} if labels else {})})
+            model = cls(model_config).to(dtype)
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            del model
+        paths[name] = str(folder)
+    paths["num_params"] = _count_params(config)
+    return paths
+
+
+def _count_params(config) -> int:
+    h, i, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    return L * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + 2 * V * h + h
+
+
+# ----------------------------------------------------------------------------- the launch modes and recipes
+
+
+def accelerate_configs(out: Path, smoke: bool) -> dict[str, tuple[str, list[str]]]:
+    """{mode: (accelerate config file, extra recipe arguments)} for ZeRO-3 bf16 and plain bf16, one process."""
+    import yaml
+
+    zero3 = yaml.safe_load((ROOT / "configs/accelerate/zero3.yaml").read_text())
+    zero3.update(num_processes=1)
+    plain = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "num_machines": 1,
+             "num_processes": 1, "mixed_precision": "bf16", "use_cpu": False}
+    extra = ["--bf16", "true", "--use_cpu", "false"]  # bf16 in configs/deepspeed/zero3.json follows --bf16
+    if smoke:  # CPU: no bf16; DeepSpeed on CPU wants gloo (STACK.md)
+        zero3.update(use_cpu=True)
+        plain.update(mixed_precision="no", use_cpu=True)
+        extra = ["--bf16", "false"]
+    files = {}
+    for name, config in (("zero3_bf16", zero3), ("bf16", plain)):
+        path = out / f"accelerate_{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        files[name] = str(path)
+    ds_extra = ["--use_cpu", "false", "--ddp_backend", "gloo"] if smoke else []
+    return {"zero3_bf16": (files["zero3_bf16"], extra + ds_extra), "bf16": (files["bf16"], extra)}
+
+
+def recipes(models: dict, run: Path, smoke: bool) -> dict[str, list[str]]:
+    """Each recipe's script and arguments: the tiny configs with the built models and a few steps."""
+    dtype = "float32" if smoke else "bfloat16"
+    common = ["--model_name_or_path", models["policy"], "--dtype", dtype, "--report_to", "none",
+              "--gradient_checkpointing", "false", "--save_strategy", "no"]
+    online = ["--num_rounds", "2", "--prompts_per_round", "16", "--prompts_per_chunk", "16", "--max_new_tokens", "32",
+              "--per_device_train_batch_size", "8", "--generation_batch_size", "64", "--save_total_limit", "1"]
+    return {
+        "dpo": ["recipes/dpo.py", "--config", "configs/tiny/dpo.yaml", *common, "--max_steps", "8",
+                "--per_device_train_batch_size", "8", "--max_length", "128", "--logging_steps", "1",
+                "--output_dir", str(run / "dpo")],
+        "rso": ["recipes/rso.py", "--config", str(run / "rso.yaml"), *common, "--num_candidates", "8",
+                "--max_new_tokens", "32", "--max_steps", "4", "--per_device_train_batch_size", "8",
+                "--output_dir", str(run / "rso")],
+        "iterative_dpo": ["recipes/iterative_dpo.py", "--config", str(run / "iterative_dpo.yaml"), *common, *online,
+                          "--output_dir", str(run / "iterative_dpo")],
+        "optimistic_kl": ["recipes/optimistic_kl.py", "--config", str(run / "optimistic_kl.yaml"), *common, *online,
+                          "--feature_map", "reward_model", "--output_dir", str(run / "optimistic_kl")],
+        "nash_mp": ["recipes/nash_mp.py", "--config", str(run / "nash_mp.yaml"), *common, *online,
+                    "--inner_steps", "2", "--win_rate_prompts", "16", "--output_dir", str(run / "nash_mp")],
+        # Not a training script: no training arguments are appended (see EVALUATION).
+        "evaluate": ["-m", "klalign.cli", "evaluate", "--config", "configs/tiny/evaluate.yaml",
+                     "--checkpoints", str(run / "dpo"), "--reference_model_path", models["policy"],
+                     "--dtype", dtype, "--num_samples", "8", "--best_of_n_max", "4", "--max_prompts", "16", "--max_new_tokens", "32",
+                     "--output_dir", str(run / "evaluate")],
+    }
+
+
+EVALUATION = {"evaluate"}  # entries of `recipes` that take no training arguments
+
+
+def write_configs(models: dict, run: Path) -> None:
+    """The tiny configs with a reward model (RSO, GSHF, optimistic) or the LM judge (Nash-MP) as the oracle."""
+    import yaml
+
+    run.mkdir(parents=True, exist_ok=True)
+    for name, oracle in (("rso", {"reward_model_path": models["reward"]}),
+                         ("iterative_dpo", {"reward_model_path": models["reward"]}),
+                         ("optimistic_kl", {"reward_model_path": models["reward"]}),
+                         ("nash_mp", {"judge_model_path": models["policy"], "feedback": "preference"})):
+        config = yaml.safe_load((ROOT / f"configs/tiny/{name}.yaml").read_text())
+        config.pop("reward_fn", None)
+        config.pop("bradley_terry_temperature", None)
+        config.update(oracle)
+        (run / f"{name}.yaml").write_text(yaml.safe_dump(config))
+
+
+# ----------------------------------------------------------------------------- reading the results
+
+
+def tokens_per_second(recipe: str, out: Path, wall: float) -> float:
+    """See the module docstring for what is counted."""
+    if recipe == "evaluate":
+        table = json.loads((out / "tradeoff.json").read_text())
+        rows = [table["reference"], *table["checkpoints"]]
+        settings = table["settings"]
+        return sum(r["response_tokens"] for r in rows) * settings["num_prompts"] * settings["num_samples"] / wall
+    if recipe in ("dpo", "rso"):
+        state = json.loads((out / "trainer_state.json").read_text())
+        tokens = max((h["num_tokens"] for h in state["log_history"] if "num_tokens" in h), default=0)
+        runtime = next((h["train_runtime"] for h in state["log_history"] if "train_runtime" in h), wall)
+        return tokens / runtime
+    from klalign.feedback import FeedbackStore
+
+    rows = FeedbackStore(out / "feedback", read_only=True).dataset().to_list()
+    keys = ("completion_ids", "chosen_ids", "rejected_ids")
+    count = 0
+    for row in rows:
+        for key in keys:
+            ids = row.get(key)
+            if ids:
+                count += sum(len(x) for x in ids) if isinstance(ids[0], list) else len(ids)
+    return count / wall
+
+
+def dpo_mfu(out: Path, num_params: int, peak_flops: float) -> float:
+    """Model FLOPs utilisation of the DPO steps: (6 N for the policy's forward and backward + 2 N for the
+    reference's forward) per trained token, over the training time, against the GPU's bf16 peak."""
+    state = json.loads((out / "trainer_state.json").read_text())
+    tokens = max(h["num_tokens"] for h in state["log_history"] if "num_tokens" in h)
+    runtime = next(h["train_runtime"] for h in state["log_history"] if "train_runtime" in h)
+    return 8 * num_params * tokens / runtime / peak_flops
+
+
+def master_drift_check(run: Path, models: dict, mode: tuple[str, list[str]], env: dict) -> tuple[str, str]:
+    """Nash-MP, ZeRO-3 bf16, lr 1e-6 (updates far below half a bf16 ulp of weights ~0.02): the fp32
+    masters' distance from theta_0 must grow with the rounds (it stays at one round's worth if each
+    reset to theta_k rounds the masters to bf16)."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    initial = {k: v.float() for k, v in load_file(str(Path(models["policy"]) / "model.safetensors")).items()}
+    out = run / "nash_drift"
+    config, extra = mode
+    argv = ["recipes/nash_mp.py", "--config", str(run / "nash_mp.yaml"), "--model_name_or_path", models["policy"],
+            "--dtype", "bfloat16", "--report_to", "none", "--num_rounds", "3", "--prompts_per_round", "8",
+            "--prompts_per_chunk", "8", "--max_new_tokens", "16", "--inner_steps", "2", "--win_rate_prompts", "0",
+            "--learning_rate", "1e-6", "--lr_scheduler_type", "constant", "--max_grad_norm", "0",
+            "--save_total_limit", "3", "--output_dir", str(out), *extra]
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *argv],
+                   cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
+    drift = []
+    for r in range(3):
+        masters = get_fp32_state_dict_from_zero_checkpoint(str(out / f"checkpoint-round-{r:05d}"))
+        drift.append(sum((masters[k].float() - initial[k]).norm().item() ** 2 for k in initial if k in masters) ** 0.5)
+    ok = drift[2] > 2.0 * drift[0] > 0
+    return ("ok" if ok else "FAILED"), "master drift by round: " + ", ".join(f"{d:.3g}" for d in drift)
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, fp32: check the plumbing here.")
+    parser.add_argument("--out", default="runs/gpu_check", help="Where models, runs and the table go.")
+    parser.add_argument("--peak_flops", type=float, default=H200_BF16_FLOPS, help="The GPU's bf16 peak, FLOP/s.")
+    parser.add_argument("--timeout", type=int, default=300, help="Seconds per recipe launch.")
+    args = parser.parse_args()
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("no CUDA GPU here: run with --smoke for the CPU plumbing check", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "KLALIGN_CACHE": str(out / "cache"), "PYTHONPATH": str(ROOT)}
+    started = time.time()
+    models = build_models(out, args.smoke)
+    modes = accelerate_configs(out, args.smoke)
+    rows = []
+    for mode, (config, extra) in modes.items():
+        run = out / mode
+        write_configs(models, run)
+        for recipe, argv in recipes(models, run, args.smoke).items():
+            report = run / f"{recipe}.report.json"
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, __file__,
+                   "--measure", str(report), *argv, *([] if recipe in EVALUATION else extra)]
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+                ok = proc.returncode == 0
+                tail = "" if ok else (proc.stderr.strip().splitlines() or ["?"])[-1][:90]
+            except subprocess.TimeoutExpired:
+                ok, tail = False, f"timed out after {args.timeout} s"
+            row = {"recipe": recipe, "mode": mode, "status": "ok" if ok else "FAILED", "tokens/s": "", "peak GiB": "",
+                   "MFU": "", "note": tail}
+            if ok:
+                measured = json.loads(report.read_text())
+                row["peak GiB"] = f"{measured['peak_gib']:.1f}"
+                row["note"] = f"{measured['wall_s']:.0f} s"
+                try:
+                    row["tokens/s"] = f"{tokens_per_second(recipe, run / recipe, measured['wall_s']):.0f}"
+                    if recipe == "dpo" and not args.smoke:
+                        row["MFU"] = f"{dpo_mfu(run / recipe, models['num_params'], args.peak_flops):.1%}"
+                except (OSError, KeyError, ValueError, StopIteration) as error:  # the run is fine; its numbers are not
+                    row["note"] += f"; metrics unreadable: {error!r}"[:120]
+            rows.append(row)
+            print(f"{recipe:>14} {mode:>10} {row['status']}", flush=True)
+    if not args.smoke:
+        status, note = master_drift_check(out / "zero3_bf16", models, modes["zero3_bf16"], env)
+        rows.append({"recipe": "nash_mp sub-ulp", "mode": "zero3_bf16", "status": status, "tokens/s": "",
+                     "peak GiB": "", "MFU": "", "note": note})
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (smoke)"
+    print(f"\nklalign GPU check on {device}: policy {models["num_params"] / 1e6:,.1f}M parameters, "
+          f"{time.time() - started:.0f} s in all\n")
+    columns = ["recipe", "mode", "status", "tokens/s", "peak GiB", "MFU", "note"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    (out / "table.json").write_text(json.dumps(rows, indent=2))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--measure":
+        measured_run(sys.argv[2], sys.argv[3], sys.argv[4:])
+    else:
+        sys.exit(main())
