@@ -282,7 +282,7 @@ def main() -> int:
         rows.append({"recipe": "nash_mp sub-ulp", "mode": "zero3_bf16", "status": status, "tokens/s": "",
                      "peak GiB": "", "MFU": "", "note": note})
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (smoke)"
-    print(f"\nklalign GPU check on {device}: policy {models["num_params"] / 1e6:,.1f}M parameters, "
+    print(f"\nklalign GPU check on {device}: policy {models['num_params'] / 1e6:,.1f}M parameters, "
           f"{time.time() - started:.0f} s in all\n")
     columns = ["recipe", "mode", "status", "tokens/s", "peak GiB", "MFU", "note"]
     print("| " + " | ".join(columns) + " |")
