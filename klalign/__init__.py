@@ -4,6 +4,7 @@ Public API, by topic (each name is documented in the README):
 """
 
 from klalign.best_of_n import BestOfNSampler, distillation_dataset, preference_dataset
+from klalign.checks import ConfigError, run_recipe
 from klalign.config import DataArguments, parse_config, resume_checkpoint
 from klalign.data import (
     DataError,
@@ -201,5 +202,7 @@ __all__ = [
     "take_snapshot",
     "sampling_config",
     "stop_token_ids",
+    "ConfigError",
+    "run_recipe",
     "write_summary",
 ]

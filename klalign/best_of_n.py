@@ -15,6 +15,7 @@ policy, keep the one with the highest reward.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -24,9 +25,12 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+import klalign
 from klalign.generation import Completion, GenerationArguments, sample_completions
+from klalign.manifest import check_or_write, model_fingerprint
 from klalign.oracles import RewardOracle
-from klalign.prompt_jobs import append_lines, on_main_then_shared, prompt_groups, read_jsonl, run_groups, unique_prompts
+from klalign.distributed import decided_on_main
+from klalign.prompt_jobs import append_lines, prompt_groups, read_jsonl, run_groups, unique_prompts
 from klalign.sampling import as_turn
 from klalign.seeding import derived_seed, prompt_key
 from klalign.theory import best_of_n_kl_bound, best_of_n_kl_estimate
@@ -120,12 +124,21 @@ class BestOfNSampler:
         self.generation = generation or GenerationArguments()
         self.seed, self.accelerator, self.progress = seed, accelerator, progress
 
+    def _check_manifest(self, path: Path) -> None:
+        """Same settings draw the same samples: a re-run continues the file; other settings never may."""
+        settings = {"klalign_version": klalign.__version__, "model": model_fingerprint(self.model), "n": self.n,
+                    "oracle": self.oracle.fingerprint(), "seed": self.seed,
+                    "generation": dataclasses.asdict(self.generation)}
+        check_or_write(path.with_name(f"{path.stem}.manifest.json"), settings, path.exists(), True,
+                       "the best-of-N results file")
+
     def sample(self, prompts: list, output_path: str | Path | None = None) -> list[BestOfNResult]:
         """One `BestOfNResult` per prompt, in prompt order (read from `output_path` where already done)."""
         path = Path(output_path) if output_path is not None else None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        done = on_main_then_shared(lambda: {prompt_key(r.prompt): r for r in read_best_of_n(path)} if path else {})
+            decided_on_main(lambda: self._check_manifest(path))
+        done = decided_on_main(lambda: {prompt_key(r.prompt): r for r in read_best_of_n(path)} if path else {})
         unique = unique_prompts(prompts)
         groups = prompt_groups(list(unique), self.generation.generation_batch_size // self.n)
         todo = [g for g in groups if any(key not in done for key in g)]
@@ -145,7 +158,7 @@ class BestOfNSampler:
             done.update(new)
 
         run_groups(todo, work, write, desc=f"best-of-{self.n}", progress=self.progress)
-        done = on_main_then_shared(lambda: done)
+        done = decided_on_main(lambda: done)
         return [done[prompt_key(p)] for p in prompts]
 
 

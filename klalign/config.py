@@ -8,9 +8,12 @@ help text is the one `--help` prints.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from trl import TrlParser
+
+from klalign.checks import ConfigError, check_config_file
 
 
 @dataclass
@@ -24,15 +27,30 @@ class DataArguments:
     eval_fraction: float = field(
         default=0.0, metadata={"help": "Without eval_dataset_path, hold out this fraction of the training data."}
     )
+    identical_pairs: str = field(
+        default="error",
+        metadata={"help": "Preference rows whose chosen equals rejected: 'error' (name them) or 'drop' (with a count)."},
+    )
 
     def __post_init__(self):
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.identical_pairs not in ("error", "drop"):
+            raise ConfigError(f"identical_pairs must be 'error' or 'drop', got {self.identical_pairs!r}")
 
 
 def parse_config(*dataclass_types, args: list[str] | None = None):
-    """Parse `--config file.yaml` and CLI overrides into one instance of each dataclass, in order."""
-    return TrlParser(dataclass_types).parse_args_and_config(args=args)
+    """Parse `--config file.yaml` and CLI overrides into one instance of each dataclass, in order.
+
+    Anything wrong with them (a missing config file, an unknown key, a bad value) is a `ConfigError`."""
+    argv = sys.argv[1:] if args is None else args
+    check_config_file(argv)
+    try:
+        return TrlParser(dataclass_types).parse_args_and_config(args=args)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:  # every check in the config classes' __post_init__
+        raise ConfigError(str(error)) from error
 
 
 def resume_checkpoint(value: str | None) -> str | bool | None:

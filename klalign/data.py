@@ -23,6 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 from datasets.table import InMemoryTable
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 from trl.data_utils import extract_prompt
 
 ACCEPTED_SOURCES = "a .json, .jsonl, .parquet or .csv file, or a folder written by Dataset.save_to_disk"
@@ -75,15 +78,19 @@ class _Problems:
 # Public API
 
 
-def load_preference_dataset(path, *, tokenizer=None, max_length: int | None = None, split: str = "train") -> Dataset:
+def load_preference_dataset(path, *, tokenizer=None, max_length: int | None = None, split: str = "train",
+                            identical_pairs: str = "error") -> Dataset:
     """Load a preference dataset from a local file or save_to_disk folder, validate it, and return it.
 
     The result has ``prompt``, ``chosen`` and ``rejected`` columns (an implicit prompt is extracted) plus any extra
     columns of the source. ``split`` picks the split of a saved ``DatasetDict``; a single file holds one split.
     With ``tokenizer`` and ``max_length``, prompts that leave no room for a completion are rejected too.
+    Rows whose chosen equals their rejected carry no preference: ``identical_pairs`` "error" (the default)
+    rejects them naming the rows, "drop" leaves them out and says how many.
     """
     _check_length_arguments(tokenizer, max_length)
-    return _validate_preference(_read_source(path, split), str(path), tokenizer, max_length)
+    data = _validate_preference(_read_source(path, split), str(path), tokenizer, max_length)
+    return _identical_pairs(data, str(path), identical_pairs)
 
 
 def load_prompt_dataset(path, *, tokenizer=None, max_length: int | None = None, split: str = "train") -> Dataset:
@@ -96,15 +103,37 @@ def load_prompt_dataset(path, *, tokenizer=None, max_length: int | None = None, 
 
 
 def validate_preference_dataset(
-    dataset: Dataset, source: str, *, tokenizer=None, max_length: int | None = None
+    dataset: Dataset, source: str, *, tokenizer=None, max_length: int | None = None, identical_pairs: str = "error"
 ) -> Dataset:
     """Validate an in-memory preference dataset; ``source`` labels it in error messages (e.g. "train_dataset").
 
     Returns the dataset, with the prompt extracted into its own column when it was implicit.
+    ``identical_pairs`` as for :func:`load_preference_dataset`.
     """
     _check_length_arguments(tokenizer, max_length)
     _require_dataset(dataset, source)
-    return _validate_preference(dataset, source, tokenizer, max_length)
+    return _identical_pairs(_validate_preference(dataset, source, tokenizer, max_length), source, identical_pairs)
+
+
+IDENTICAL_PAIRS = ("error", "drop")
+
+
+def _identical_pairs(data: Dataset, source: str, mode: str) -> Dataset:
+    """Reject (mode "error") or drop (mode "drop", with a count) the rows whose chosen equals rejected."""
+    if mode not in IDENTICAL_PAIRS:
+        raise ValueError(f"identical_pairs must be one of {list(IDENTICAL_PAIRS)}, got {mode!r}")
+    same = [i for i, (c, r) in enumerate(zip(data["chosen"], data["rejected"])) if c == r]
+    if not same:
+        return data
+    if mode == "error":
+        shown = ", ".join(str(i) for i in same[:10]) + (", ..." if len(same) > 10 else "")
+        raise DataError(f"{source}: {len(same)} row(s) have 'chosen' identical to 'rejected', which carries no "
+                        f"preference (rows are 0-based): {shown}. Fix the data, or set identical_pairs: drop")
+    kept = sorted(set(range(data.num_rows)) - set(same))
+    if not kept:
+        raise DataError(f"{source}: every row has 'chosen' identical to 'rejected'; nothing is left to train on")
+    logger.warning(f"{source}: dropped {len(same)} of {data.num_rows} rows whose 'chosen' equals 'rejected'")
+    return data.select(kept)
 
 
 def validate_prompt_dataset(

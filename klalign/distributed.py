@@ -61,6 +61,27 @@ def process_state():
     return PartialState(**({"backend": "gloo"} if launched and not torch.cuda.is_available() else {}))
 
 
+def decided_on_main(fn):
+    """`fn()` on the main process (a check, a file read, a choice), its result on every process; an
+    error it raises is raised on every process, so none waits forever at the next collective."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    outcome = [None]
+    if state.is_main_process:
+        try:
+            outcome[0] = ("value", fn())
+        except Exception as error:  # re-raised below, on every process
+            outcome[0] = ("error", error)
+    if state.num_processes > 1:
+        broadcast_object_list(outcome)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
+
+
 def deepspeed_plugin(accelerator):
     return getattr(accelerator.state, "deepspeed_plugin", None) if accelerator is not None else None
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -43,20 +44,21 @@ from transformers import AutoConfig
 from accelerate import PartialState
 
 from klalign.best_of_n import best_of_n_curve, level_mass, sample_and_score
+from klalign.checks import input_errors
 from klalign.config import parse_config
 from klalign.data import DataError, load_prompt_dataset
 from klalign.evaluation_report import markdown_table, write_outputs
 from klalign.generation import GenerationArguments
 from klalign.logprobs import completion_batch, kl_k1, kl_k3, sequence_logprobs
-from klalign.distributed import place_frozen, process_state, whole_model_loading
+from klalign.distributed import decided_on_main, place_frozen, process_state, whole_model_loading
 from klalign.models import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
 from klalign.oracles import RewardOracle, build_reward_oracle
-from klalign.prompt_jobs import on_main_then_shared, prompt_groups, run_groups
+from klalign.prompt_jobs import prompt_groups, run_groups
 from klalign.seeding import derived_seed, prompt_key
 
 CACHE_VERSION = 2  # part of every cache key: bump it when what a cached result means changes
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model)([-.].*)?\.(safetensors|bin)$")
-CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(?:round-)?(\d+)$")  # offline steps; online trainers' rounds
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
@@ -120,6 +122,8 @@ class EvaluationArguments:
         check(self.max_prompts is None or self.max_prompts >= 1, f"max_prompts must be >= 1, got {self.max_prompts}")
         check(self.logprob_batch_size >= 1, f"logprob_batch_size must be >= 1, got {self.logprob_batch_size}")
         check(self.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        check(not Path(self.output_dir).exists() or Path(self.output_dir).is_dir(),
+              f"output_dir {self.output_dir!r} is a file, not a folder")
 
 
 @dataclass
@@ -295,7 +299,7 @@ def _sample(model, tokenizer, oracle, prompts, args, generation, logprob_models:
     done: dict[int, dict] = {}
     groups = prompt_groups(list(range(len(prompts))), generation.generation_batch_size // args.num_samples)
     run_groups(groups, work, lambda group, results: done.update(zip(group, results)), desc="sampling")
-    done = on_main_then_shared(lambda: done)
+    done = decided_on_main(lambda: done)
     return {field: [done[i][field] for i in range(len(prompts))] for field in done[0]}
 
 
@@ -303,7 +307,7 @@ def _cached(path: Path, compute) -> dict:
     """The JSON at `path`, or `compute()` written there atomically (a killed run leaves no torn entry).
 
     The main process decides and reads, so every process of a launch takes the same branch."""
-    record = on_main_then_shared(lambda: json.loads(path.read_text()) if path.is_file() else None)
+    record = decided_on_main(lambda: json.loads(path.read_text()) if path.is_file() else None)
     if record is not None:
         return record
     record = compute()
@@ -484,8 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, generation = parse_config(EvaluationArguments, GenerationArguments, args=argv)
         report = evaluate_checkpoints(args, generation)
-    except (EvaluationError, DataError, FileNotFoundError) as error:
-        print(f"klalign evaluate: error: {error}", file=sys.stderr)
+    except input_errors() as error:
+        if os.environ.get("KLALIGN_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"klalign evaluate: error: {error} (KLALIGN_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     if PartialState().is_main_process:
         print(markdown_table(report))

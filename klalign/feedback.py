@@ -2,14 +2,17 @@
 
 Layout under the store's folder:
 
+    manifest.json                    the settings that determine what was collected (klalign.manifest)
     round-00003/part-00000.parquet   rows of one collection chunk (written atomically)
+    round-00003/part-00000.parquet.sha256   its checksum, written before the chunk is renamed into place
     round-00003/part-00001.parquet
     round-00003/COMPLETE             the round's collection finished
 
 A chunk is written to a temporary name and renamed, so a run killed at any point leaves only whole
-chunks. On resume, the online loop asks `chunk(round, i)` before generating chunk i: a stored chunk
-is reused, never re-queried. Rows are plain dicts of strings and numbers (one schema per trainer)
-and include which policy produced them.
+chunks, each with its checksum (`verify` checks them all before a resumed run samples anything). On
+resume, the online loop asks `chunk(round, i)` before generating chunk i: a stored chunk is reused,
+never re-queried. Rows are plain dicts of strings and numbers (one schema per trainer) and include
+which policy produced them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset, concatenate_datasets
+
+from klalign.integrity import verify_file, write_with_checksum
 
 
 def stored_prompt(prompt) -> str:
@@ -55,7 +60,7 @@ class FeedbackStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, path)
+        write_with_checksum(tmp, path)
         return path
 
     def mark_complete(self, round_index: int) -> None:
@@ -86,3 +91,32 @@ class FeedbackStore:
 
     def num_rows(self) -> int:
         return sum(pq.ParquetFile(p).metadata.num_rows for p in self.directory.glob("round-*/part-*.parquet"))
+
+    def num_chunks(self) -> int:
+        return len(list(self.directory.glob("round-*/part-*.parquet")))
+
+    def has_data(self) -> bool:
+        return self.num_chunks() > 0
+
+    def verify(self) -> dict[int, dict[Path, str]]:
+        """{round: {bad chunk: what is wrong}}, every stored chunk checked against its checksum. A chunk
+        from a klalign that wrote no checksums passes if it can be read whole."""
+        bad: dict[int, dict[Path, str]] = {}
+        for path in sorted(self.directory.glob("round-*/part-*.parquet")):
+            problem = verify_file(path)
+            if problem is not None and not path.with_name(path.name + ".sha256").exists():
+                try:
+                    pq.read_table(path)
+                    problem = None
+                except Exception as error:  # any unreadable file is corrupt
+                    problem = f"{path}: unreadable ({type(error).__name__}: {error})"
+            if problem is not None:
+                bad.setdefault(int(path.parent.name.split("-")[1]), {})[path] = problem
+        return bad
+
+    def quarantine(self, chunks: list[Path]) -> None:
+        """Move bad chunks aside (`*.corrupt`) so that they are collected again; their rounds are no
+        longer complete."""
+        for path in chunks:
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+            (path.parent / "COMPLETE").unlink(missing_ok=True)

@@ -91,11 +91,13 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 def sampling_config(args: GenerationArguments, stop_ids: list[int], pad_id: int) -> GenerationConfig:
     """Pure ancestral sampling from pi at `args.temperature` and `args.top_p`: every other logits
-    processor of `generate` is set to its neutral value explicitly (none is left to a default)."""
+    processor of `generate` is set to its neutral value explicitly. (min_length / min_new_tokens stay
+    unset: with the blank model config of `without_checkpoint_defaults` they default to no constraint,
+    and setting both makes transformers warn at every call.)"""
     return GenerationConfig(
         do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, min_p=0.0, typical_p=1.0,
         epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, min_length=0, min_new_tokens=0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
         max_new_tokens=args.max_new_tokens, num_beams=1, num_return_sequences=1, renormalize_logits=False,
         remove_invalid_values=False, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
     )

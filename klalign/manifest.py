@@ -60,9 +60,11 @@ def model_fingerprint(model) -> str:
     folder (`klalign.evaluation.model_digest`), else of its state dict (models built in memory)."""
     from klalign.evaluation import model_digest
 
+    while hasattr(model, "module") and not hasattr(model, "config"):  # DDP / DeepSpeed wrappers
+        model = model.module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     folder = Path(str(getattr(base.config, "_name_or_path", "") or ""))
-    if folder.is_dir() and any(folder.glob("*.safetensors")) or (folder / "pytorch_model.bin").is_file():
+    if folder.is_dir() and (any(folder.glob("*.safetensors")) or (folder / "pytorch_model.bin").is_file()):
         return "files:" + model_digest(folder)[:16]
     hasher = hashlib.sha256()
     for name, tensor in sorted(base.state_dict().items()):
@@ -83,25 +85,26 @@ def differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_or_write(folder: Path, settings: dict, has_data: bool, resuming: bool, what: str, write: bool = True) -> None:
-    """Enforce the module's rules for the collected data in `folder` (`what` names it in messages);
-    write the manifest when none is there (on the process that writes, `write`)."""
-    path = Path(folder) / MANIFEST
+def check_or_write(path: Path, settings: dict, has_data: bool, resuming: bool, what: str) -> None:
+    """Enforce the module's rules for collected data whose manifest is `path` (`what` names the data in
+    messages); write the manifest when none is there. Called on the main process."""
+    path = Path(path)
+    folder = path.parent
     recorded = json.loads(path.read_text()) if path.is_file() else None
     if has_data and not resuming:
         detail = "" if recorded is None else "; its settings differ from this run's in: " + (
             "; ".join(differences(recorded, settings)) or "nothing (identical settings)")
         raise RunMismatchError(
-            f"{what} {folder} already holds data collected by another run{detail}. To continue that run, resume it "
-            "(--resume_from_checkpoint true); to start a new one, choose another output_dir.")
+            f"{what} in {folder} already holds data collected by another run{detail}. To continue that run, resume "
+            "it (--resume_from_checkpoint true); to start a new one, choose another output_dir.")
     if recorded is not None and resuming:
         changed = differences(recorded, settings)
         if changed:
             raise RunMismatchError(
-                f"cannot resume with {what} {folder}: it was collected with other settings, and reusing it would mix "
+                f"cannot reuse {what} in {folder}: it was collected with other settings, and reusing it would mix "
                 f"two runs' data. Changed: " + "; ".join(changed) + f". Restore them, or start a new output_dir "
                 f"(to reuse the data anyway, delete {path}).")
-    if recorded is None and write:
+    if recorded is None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{MANIFEST}.tmp")
         tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))

@@ -22,9 +22,9 @@ checkpoint are replayed from the store: their updates are recomputed, their feed
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +32,26 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import gather_object, is_peft_model
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import TrainOutput
+from transformers.utils import logging as hf_logging
 
+import klalign
+from klalign.checks import check_training_config
 from klalign.data import validate_prompt_dataset
-from klalign.distributed import check_equal_work, prepare_frozen
+from klalign.distributed import check_equal_work, decided_on_main, prepare_frozen
 from klalign.feedback import FeedbackStore
 from klalign.generation import GenerationArguments, sample_completions
+from klalign.integrity import write_checksums
 from klalign.logprobs import completion_batch, sequence_logprobs
+from klalign.manifest import MANIFEST, args_settings, check_or_write, digest, model_fingerprint
 from klalign.reference import Reference
+from klalign.resume import ResumePlan, describe, plan_resume, round_checkpoints
 from klalign.seeding import derived_seed, seed_everything
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-round-(\d+)$")
+ROUND_SUMMARY = ("loss", "kl_k3", "main_reward", "oracle_reward", "win_rate/vs_reference", "oracle_queries")
 
 
 @dataclass
@@ -78,8 +86,7 @@ class OnlineConfig(TrainingArguments):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        check_training_config(self)
         for name in ("num_rounds", "prompts_per_round", "prompts_per_chunk", "save_every_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -140,11 +147,29 @@ class OnlineTrainer(Trainer):
             raise ValueError("ref_model is required unless the policy is a PEFT model (its disabled adapter is the reference)")
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          callbacks=callbacks)
+        self.remove_callback(ProgressCallback)  # counts optimizer steps, which the loop does not report: rounds instead
+        self.prompts = list(train_dataset["prompt"])
+        # What determines the collected data (klalign.manifest), fingerprinted before anything is wrapped.
+        self.settings = decided_on_main(lambda: self.collection_settings(model, ref_model, oracle, peft_config))
         self.ref_model = None if ref_model is None else prepare_frozen(ref_model, self.accelerator)
         self.reference = Reference(self.ref_model, self.accelerator)
         self.oracle = oracle.prepare(self.accelerator) if oracle is not None else None
-        self.prompts = list(train_dataset["prompt"])
         self.store = FeedbackStore(args.feedback_dir or Path(args.output_dir) / "feedback")
+
+    def collection_settings(self, model, ref_model, oracle, peft_config) -> dict:
+        """The run manifest's settings (klalign.manifest): models, oracle, prompts, every config field
+        that can change what is collected, the number of processes, the klalign version."""
+        return {
+            "klalign_version": klalign.__version__,
+            "trainer": type(self).__name__,
+            "processes": self.args.world_size,
+            "policy": model_fingerprint(model),
+            "peft": None if peft_config is None else json.loads(json.dumps(peft_config.to_dict(), default=str)),
+            "reference": "policy with its adapter disabled" if ref_model is None else model_fingerprint(ref_model),
+            "oracle": oracle.fingerprint() if oracle is not None else None,
+            "prompts": {"count": len(self.prompts), "sha256": digest(self.prompts)},
+            "config": args_settings(self.args),
+        }
 
     # ---- what a subclass provides ----------------------------------------------------------------
 
@@ -163,32 +188,62 @@ class OnlineTrainer(Trainer):
     # ---- the loop --------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
-        checkpoint = self._find_checkpoint(resume_from_checkpoint)
+        resuming = resume_from_checkpoint not in (None, False) and str(resume_from_checkpoint).lower() != "false"
+        plan = decided_on_main(lambda: self._plan(resume_from_checkpoint, resuming))  # before anything is sampled
+        checkpoint = plan.checkpoint
         if checkpoint is not None and not self.is_deepspeed_enabled:
             self._load_from_checkpoint(checkpoint)
         max_steps = self.args.num_rounds * self.steps_per_round()
         self.state = TrainerState(max_steps=max_steps, logging_steps=1, save_steps=1)
         self.model_wrapped, _ = self._prepare_for_training(max_steps, None, checkpoint)
-        start_round = 0
         if checkpoint is not None:
             self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
-            start_round = int(CHECKPOINT_PATTERN.match(Path(checkpoint).name).group(1)) + 1
         self.state.is_local_process_zero = self.is_local_process_zero()
         self.state.is_world_process_zero = self.is_world_process_zero()
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        self.progress = tqdm(total=self.args.num_rounds, initial=plan.start_round, unit="round", dynamic_ncols=True,
+                             disable=self.args.disable_tqdm or not self.is_world_process_zero())
         metrics: dict[str, float] = {}
-        for round_index in range(start_round, self.args.num_rounds):
+        for round_index in range(plan.start_round, self.args.num_rounds):
             rows = self._collect_round(round_index)
             self.model_wrapped.train()
+            self._phase(round_index, "updating")
             seed_everything(derived_seed(self.args.seed, round_index, "update"))
             metrics = {"round": round_index, **self.update(round_index, rows)}
             self.state.epoch = round_index + 1
-            self.log(metrics)
+            self.log_round(round_index, metrics)
             last = round_index == self.args.num_rounds - 1
             if last or (round_index + 1) % self.args.save_every_rounds == 0:
+                self._phase(round_index, "saving")
                 self._save_round_checkpoint(round_index)
+            self.progress.update(1)
+        self.progress.close()
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         return TrainOutput(self.state.global_step, metrics.get("loss", 0.0), metrics)
+
+    def _plan(self, requested, resuming: bool) -> ResumePlan:
+        """On the main process: the manifest rules for the store, then where to resume (klalign.resume)."""
+        check_or_write(self.store.directory / MANIFEST, self.settings, self.store.has_data(), resuming,
+                       "the feedback store")
+        if not resuming:
+            return ResumePlan(None)
+        plan = plan_resume(self.args.output_dir, requested, self.store, self.oracle.reproducible)
+        print(describe(plan, self.store, self.args.num_rounds), flush=True)
+        return plan
+
+    def _phase(self, round_index: int, phase: str) -> None:
+        self.progress.set_description_str(f"round {round_index}: {phase}", refresh=True)
+
+    def log_round(self, round_index: int, metrics: dict[str, float]) -> None:
+        """Record a round's metrics; integrations (TensorBoard, trackio, ...) plot them against the round,
+        and one line goes to the console."""
+        self.state.log_history.append({**metrics, "step": self.state.global_step})
+        view = copy.copy(self.state)
+        view.global_step = round_index  # the x-axis of every integration's plot
+        self.control = self.callback_handler.on_log(self.args, view, self.control, dict(metrics))
+        shown = " · ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ROUND_SUMMARY and isinstance(v, (int, float)))
+        if self.is_world_process_zero():
+            tqdm.write(f"round {round_index}: {shown}")
 
     def round_prompts(self, round_index: int) -> list:
         """The prompts of a round: a seeded draw without replacement (with, if there are too few)."""
@@ -201,8 +256,10 @@ class OnlineTrainer(Trainer):
         """Collect a round chunk by chunk; stored chunks are reused, new ones stored as they finish."""
         prompts = self.round_prompts(round_index)
         size = self.args.prompts_per_chunk
+        starts = range(0, len(prompts), size)
         rows: list[dict] = []
-        for chunk_index, start in enumerate(range(0, len(prompts), size)):
+        for chunk_index, start in enumerate(starts):
+            self._phase(round_index, f"collecting chunk {chunk_index + 1}/{len(starts)}")
             rows += self._collect_chunk(round_index, chunk_index, prompts[start : start + size])
         if self.args.should_save:
             self.store.mark_complete(round_index)
@@ -275,29 +332,22 @@ class OnlineTrainer(Trainer):
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
-    def _find_checkpoint(self, resume: str | bool | None) -> str | None:
-        if resume in (None, False):
-            return None
-        if isinstance(resume, str) and resume.lower() not in ("true", "last"):
-            if not Path(resume).is_dir():
-                raise FileNotFoundError(f"resume_from_checkpoint: {resume} is not a folder")
-            return resume
-        found = [p for p in Path(self.args.output_dir).glob("checkpoint-round-*") if CHECKPOINT_PATTERN.match(p.name)]
-        return str(max(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))) if found else None
-
     def _save_round_checkpoint(self, round_index: int) -> None:
-        """Model, optimizer, scheduler and trainer state, written to a temporary folder then renamed."""
+        """Model, optimizer, scheduler and trainer state, written to a temporary folder, checksummed, then
+        renamed: a folder under its final name is whole and verifiable (klalign.integrity)."""
         final = Path(self.args.output_dir) / f"checkpoint-round-{round_index:05d}"
         tmp = final.with_name(f".tmp-{final.name}")
         if self.args.should_save and tmp.exists():
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
-        self.save_model(str(tmp), _internal_call=True)
-        self._save_optimizer_and_scheduler(str(tmp))
-        self.accelerator.wait_for_everyone()  # every process has written its shards before the rename
+        with quiet_saving():
+            self.save_model(str(tmp), _internal_call=True)
+            self._save_optimizer_and_scheduler(str(tmp))
+        self.accelerator.wait_for_everyone()  # every process has written its shards before the checksums
         if self.args.should_save:
             self.state.save_to_json(str(tmp / "trainer_state.json"))
             (tmp / "online_round.json").write_text(json.dumps({"round": round_index}))
+            write_checksums(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -308,10 +358,27 @@ class OnlineTrainer(Trainer):
         limit = self.args.save_total_limit
         if not limit:
             return
-        found = sorted(
-            (p for p in Path(self.args.output_dir).glob("checkpoint-round-*") if CHECKPOINT_PATTERN.match(p.name)),
-            key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)),
-        )
-        for old in found[:-limit]:
+        for old in round_checkpoints(self.args.output_dir)[limit:]:  # newest first
             shutil.rmtree(old, ignore_errors=True)
+
+
+class quiet_saving:
+    """Saving prints nothing unless something is wrong: no "Writing model shards" bars, no deprecation
+    warnings that transformers and DeepSpeed repeat at every save."""
+
+    def __enter__(self):
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bars:
+            hf_logging.enable_progress_bar()
+        self._warnings.__exit__(*exc)
 

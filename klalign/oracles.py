@@ -54,9 +54,17 @@ def check_scores(
 
 
 class RewardOracle:
-    """Scores (prompt, response) pairs. Subclasses implement `_score`."""
+    """Scores (prompt, response) pairs. Subclasses implement `_score`.
+
+    `reproducible`: the same query, asked again under the online loop's seeding, gets the same answer
+    (a resumed run may then re-ask a query whose stored answer was lost). `fingerprint()` identifies
+    the oracle in a run's manifest (`klalign.manifest`)."""
 
     name = "reward"
+    reproducible = True
+
+    def fingerprint(self) -> str:
+        return self.name
 
     def prepare(self, accelerator=None, device=None):
         """Ready the oracle's models for inference: on a trainer's accelerator (DeepSpeed-wrapped when it
@@ -75,9 +83,14 @@ class RewardOracle:
 
 
 class PreferenceOracle:
-    """Gives P(response A beats response B | prompt). Subclasses implement `_preference`."""
+    """Gives P(response A beats response B | prompt). Subclasses implement `_preference`. `reproducible`
+    and `fingerprint()` as for `RewardOracle`."""
 
     name = "preference"
+    reproducible = True
+
+    def fingerprint(self) -> str:
+        return self.name
 
     def prepare(self, accelerator=None, device=None):
         """As `RewardOracle.prepare`."""
@@ -102,9 +115,10 @@ class PreferenceOracle:
 class CallableReward(RewardOracle):
     """A Python function as a reward: `fn(prompts, responses) -> list/tensor of N floats`."""
 
-    def __init__(self, fn: Callable, name: str | None = None):
+    def __init__(self, fn: Callable, name: str | None = None, reproducible: bool = True):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "callable")
+        self.reproducible = reproducible
 
     def _score(self, prompts, responses):
         return self.fn(prompts, responses)
@@ -119,6 +133,10 @@ class BradleyTerryPreference(PreferenceOracle):
         self.reward = reward
         self.temperature = temperature
         self.name = f"bradley_terry({reward.name})"
+        self.reproducible = reward.reproducible  # labels are drawn from the loop's seeded generator
+
+    def fingerprint(self) -> str:
+        return f"bradley_terry({self.reward.fingerprint()}, temperature={self.temperature})"
 
     def prepare(self, accelerator=None, device=None):
         self.reward.prepare(accelerator, device)
@@ -145,6 +163,14 @@ class RewardModelOracle(RewardOracle):
     def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None, name: str = "reward_model"):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_length, self.name = batch_size, max_length, name
+        self._fingerprint = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:  # of the weights as loaded (computed before the model is prepared)
+            from klalign.manifest import model_fingerprint
+
+            self._fingerprint = f"{self.name}:{model_fingerprint(self.model)}:max_length={self.max_length}"
+        return self._fingerprint
 
     def prepare(self, accelerator=None, device=None):
         self.model = place_frozen(self.model, accelerator, device)
@@ -206,6 +232,14 @@ class LMJudgePreference(PreferenceOracle):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.batch_size, self.name = batch_size, name
         self.choice_ids = [self._single_token(letter) for letter in "AB"]
+        self._fingerprint = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            from klalign.manifest import digest, model_fingerprint
+
+            self._fingerprint = f"{self.name}:{model_fingerprint(self.model)}:template={digest(self.template)}"
+        return self._fingerprint
 
     def prepare(self, accelerator=None, device=None):
         self.model = place_frozen(self.model, accelerator, device)

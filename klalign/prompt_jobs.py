@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from klalign.seeding import prompt_key
@@ -82,12 +82,3 @@ def rewrite_lines(path: Path, lines: list[str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
     tmp.replace(path)
-
-
-def on_main_then_shared(fn: Callable[[], object]):
-    """`fn()` on the main process (e.g. reading and repairing a results file), its value on every process."""
-    state = PartialState()
-    value = [fn() if state.is_main_process else None]
-    if state.num_processes > 1:
-        broadcast_object_list(value)
-    return value[0]

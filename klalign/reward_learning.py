@@ -250,6 +250,17 @@ class FeatureMap:
     def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    def fingerprint(self) -> str:
+        """Identifies the map in a run's manifest: its class and, when it has one, its model's weights."""
+        if getattr(self, "model", None) is None:
+            from klalign.manifest import digest
+
+            table = getattr(self, "table", None)
+            return f"{type(self).__name__}:{digest(table.tolist()) if table is not None else ''}"
+        from klalign.manifest import model_fingerprint
+
+        return f"{type(self).__name__}:{getattr(self, 'pooling', '')}:{model_fingerprint(self.model)}"
+
     def prepare(self, accelerator=None, device=None) -> FeatureMap:
         """Ready the map's model for inference (as `klalign.oracles.RewardOracle.prepare`); returns the map."""
         if getattr(self, "model", None) is not None:

@@ -13,17 +13,22 @@ resumed, writes the same file as an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+import klalign
+
 from klalign.generation import GenerationArguments, sample_completions
+from klalign.manifest import check_or_write, model_fingerprint
 from klalign.oracles import RewardOracle
+from klalign.checks import check_beta
+from klalign.distributed import decided_on_main
 from klalign.prompt_jobs import (
     append_lines,
-    on_main_then_shared,
     prompt_groups,
     read_jsonl,
     rewrite_lines,
@@ -86,8 +91,7 @@ class RejectionSamplingArguments:
             raise ValueError("set exactly one of reward_fn and reward_model_path")
         if self.num_candidates < 2:
             raise ValueError(f"num_candidates must be >= 2 to form pairs, got {self.num_candidates}")
-        if self.sampling_beta <= 0:
-            raise ValueError(f"sampling_beta must be > 0, got {self.sampling_beta}")
+        check_beta(self.sampling_beta, "sampling_beta")
 
 
 def build_rso_dataset(
@@ -118,7 +122,8 @@ def build_rso_dataset(
     out_path = Path(out_path)
     index_path = out_path.with_name(f"{out_path.stem}.prompts.jsonl")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = on_main_then_shared(lambda: _rso_done(out_path, index_path))
+    decided_on_main(lambda: _check_manifest(out_path, reference, oracle, args, generation))
+    done = decided_on_main(lambda: _rso_done(out_path, index_path))
     unique = unique_prompts(prompts)
     groups = prompt_groups(list(unique), generation.generation_batch_size // args.num_candidates)
     todo = [g for g in groups if any(key not in done for key in g)]
@@ -146,7 +151,16 @@ def build_rso_dataset(
     stats = {key: sum(r[key] for r in records) for key in ("candidates", "accepted", "pairs")}
     stats.update(prompts=len(records), sampled=len(sampled),
                  acceptance_rate=stats["accepted"] / max(stats["candidates"], 1))
-    return on_main_then_shared(lambda: stats)
+    return decided_on_main(lambda: stats)
+
+
+def _check_manifest(out_path: Path, reference, oracle, args, generation) -> None:
+    """The same settings always draw the same pairs, so a re-run continues the file; other settings never may."""
+    settings = {"klalign_version": klalign.__version__, "sampler": model_fingerprint(reference),
+                "oracle": oracle.fingerprint(), "generation": dataclasses.asdict(generation),
+                **{k: getattr(args, k) for k in ("num_candidates", "sampling_beta", "r_max", "sampling_seed")}}
+    check_or_write(out_path.with_name(f"{out_path.stem}.manifest.json"), settings, out_path.exists(), True,
+                   "the RSO pairs file")
 
 
 def _accept_and_pair(key: str, prompt, responses: list[str], oracle: RewardOracle,

@@ -503,6 +503,7 @@ class TestbedReward(RewardOracle):
     __test__ = False  # not a pytest test class despite the name
 
     def __init__(self, bandit: SingleTokenBandit, noise_std: float = 0.0, seed: int | None = None):
+        self.seed = seed
         self.table = bandit.reward_table()
         self.bandit = bandit
         self.noise_std = noise_std
@@ -510,6 +511,12 @@ class TestbedReward(RewardOracle):
         # chunk, so a resumed run draws the same noise; a seed gives a private, call-ordered stream.
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.name = "testbed_reward" if noise_std == 0 else f"testbed_reward(noise={noise_std})"
+        self.reproducible = noise_std == 0 or seed is None  # a private stream depends on the call history
+
+    def fingerprint(self) -> str:
+        from klalign.manifest import digest
+
+        return f"{self.name}:table={digest(self.table.tolist())}:seed={self.seed}"
 
     def _score(self, prompts, responses):
         c = torch.tensor([self.bandit.prompt_index(p) for p in prompts], dtype=torch.long)
@@ -530,6 +537,11 @@ class TestbedPreference(PreferenceOracle):
     def __init__(self, bandit: SingleTokenBandit):
         self.matrix = bandit.preference_matrix()  # (C, K, K)
         self.bandit = bandit
+
+    def fingerprint(self) -> str:
+        from klalign.manifest import digest
+
+        return f"{self.name}:matrix={digest(self.matrix.tolist())}"
 
     def _preference(self, prompts, responses_a, responses_b):
         """A non-action response loses to every action and ties with another non-action."""

@@ -13,13 +13,14 @@ from klalign import (
     DataArguments,
     DPOConfig,
     DPOTrainer,
-    ModelArguments,
     load_policy_and_reference,
     load_preference_dataset,
     load_tokenizer,
     lora_config,
+    ModelArguments,
     parse_config,
     resume_checkpoint,
+    run_recipe,
     write_summary,
 )
 
@@ -41,9 +42,9 @@ def main():
     model_args, data_args, training_args = parse_config(*CONFIG_TYPES)
 
     # 1. Data first: a bad file fails here, in seconds, naming the file, row and field.
-    load_preference_dataset(data_args.dataset_path)
+    load_preference_dataset(data_args.dataset_path, identical_pairs=data_args.identical_pairs)
     tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code, model_args.cache_dir)
-    validate = dict(tokenizer=tokenizer, max_length=training_args.max_length)
+    validate = dict(tokenizer=tokenizer, max_length=training_args.max_length, identical_pairs=data_args.identical_pairs)
     train_dataset = load_preference_dataset(data_args.dataset_path, **validate)
     train_dataset, eval_dataset = split_eval(train_dataset, data_args, training_args.seed)
     if data_args.eval_dataset_path:
@@ -85,4 +86,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

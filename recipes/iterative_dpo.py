@@ -9,17 +9,18 @@ train DPO (or RSO's hinge) on the data. Interrupted? Run the same command with
 """
 
 from klalign import (
+    build_oracle,
     DataArguments,
     IterativeDPOConfig,
     IterativeDPOTrainer,
-    ModelArguments,
-    OracleArguments,
-    build_oracle,
     load_policy_and_reference,
     load_prompt_dataset,
     load_tokenizer,
     lora_config,
+    ModelArguments,
+    OracleArguments,
     parse_config,
+    run_recipe,
     write_summary,
 )
 
@@ -73,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

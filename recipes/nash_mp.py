@@ -10,17 +10,18 @@ preference oracle's answer is stored as it comes. Interrupted? Run the same comm
 """
 
 from klalign import (
-    DataArguments,
-    ModelArguments,
-    NashMPConfig,
-    NashMPTrainer,
-    OracleArguments,
     build_oracle,
+    DataArguments,
     load_policy_and_reference,
     load_prompt_dataset,
     load_tokenizer,
     lora_config,
+    ModelArguments,
+    NashMPConfig,
+    NashMPTrainer,
+    OracleArguments,
     parse_config,
+    run_recipe,
     write_summary,
 )
 
@@ -81,4 +82,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

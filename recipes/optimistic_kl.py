@@ -11,19 +11,21 @@ command with `--resume_from_checkpoint true`: stored feedback is reused, the las
 """
 
 from klalign import (
-    DataArguments,
-    ModelArguments,
-    OptimisticKLConfig,
-    OptimisticKLTrainer,
-    OracleArguments,
+    ConfigError,
     build_feature_map,
     build_oracle,
+    DataArguments,
     load_causal_lm,
     load_policy_and_reference,
     load_prompt_dataset,
     load_tokenizer,
     lora_config,
+    ModelArguments,
+    OptimisticKLConfig,
+    OptimisticKLTrainer,
+    OracleArguments,
     parse_config,
+    run_recipe,
     write_summary,
 )
 
@@ -36,7 +38,7 @@ def main():
     # 1. Prompts and arguments first (bad input fails before any model is loaded), then the oracle and the models.
     load_prompt_dataset(data_args.dataset_path)
     if training_args.feature_map == "reward_model" and oracle_args.reward_model_path is None:
-        raise ValueError("feature_map: reward_model reads the oracle's reward model: set reward_model_path")
+        raise ConfigError("feature_map: reward_model reads the oracle's reward model: set reward_model_path")
     load = dict(cache_dir=model_args.cache_dir, trust_remote_code=training_args.trust_remote_code)
     tokenizer = load_tokenizer(model_args.model_name_or_path, **load)
     prompts = load_prompt_dataset(data_args.dataset_path, tokenizer=tokenizer, max_length=None)
@@ -91,4 +93,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -12,21 +12,22 @@ DPOTrainer (loss_type hinge is RSO's; sigmoid is its sigmoid-norm).
 from pathlib import Path
 
 from klalign import (
+    build_rso_dataset,
     DPOConfig,
     DPOTrainer,
     GenerationArguments,
-    ModelArguments,
-    RejectionSamplingArguments,
-    build_rso_dataset,
     load_causal_lm,
     load_policy_and_reference,
     load_preference_dataset,
     load_prompt_dataset,
     load_tokenizer,
     lora_config,
+    ModelArguments,
     parse_config,
     place_frozen,
+    RejectionSamplingArguments,
     resume_checkpoint,
+    run_recipe,
     whole_model_loading,
     write_summary,
 )
@@ -92,4 +93,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

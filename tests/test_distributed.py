@@ -156,8 +156,10 @@ def reward_model_iterative(tmp_path_factory):
 def test_iterative_dpo_update_matches_one_process(mode, reward_model_iterative, tmp_path):
     """Given the same feedback (the 1-process run's store), N processes make the same updates."""
     config, single = reward_model_iterative
-    shutil.copytree(single / "feedback", tmp_path / "feedback")
-    launch(mode, ["recipes/iterative_dpo.py", "--config", config, "--output_dir", str(tmp_path), *ONLINE])
+    # Another run's store, adopted on purpose: without its manifest, and resumed (README "Runs that never lose data").
+    shutil.copytree(single / "feedback", tmp_path / "feedback", ignore=shutil.ignore_patterns("manifest.json"))
+    launch(mode, ["recipes/iterative_dpo.py", "--config", config, "--output_dir", str(tmp_path), *ONLINE,
+                  "--resume_from_checkpoint", "true"])
     expected = logged(single / "checkpoint-round-00001")
     assert len(expected) == 2 and logged(tmp_path / "checkpoint-round-00001") == pytest.approx(expected, abs=1e-4)
 

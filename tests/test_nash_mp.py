@@ -319,8 +319,9 @@ def test_two_processes_replay_the_one_process_iterations(mode, one_process_run, 
     make the same prox steps: same logged estimates and final weights (1e-4; float32 sums reordered)."""
     from safetensors.torch import load_file
 
-    shutil.copytree(one_process_run / "feedback", tmp_path / "feedback")
-    launch_tiny(mode, tmp_path)
+    # The 1-process store adopted on purpose: without its manifest, and resumed (README "Runs that never lose data").
+    shutil.copytree(one_process_run / "feedback", tmp_path / "feedback", ignore=shutil.ignore_patterns("manifest.json"))
+    launch_tiny(mode, tmp_path, "--resume_from_checkpoint", "true")
     logs = [[h for h in json.loads((n / "checkpoint-round-00001" / "trainer_state.json").read_text())["log_history"]
              if "round" in h] for n in (one_process_run, tmp_path)]
     for key in ("half/prox_loss", "full/prox_loss", "full/kl_anchor", "win_rate/vs_previous", "preference_queries"):

@@ -45,8 +45,9 @@ def test_bad_data_fails_before_any_model_is_loaded(tmp_path):
                            "--dataset_path", str(bad), *tiny_overrides(tmp_path)])
     finally:
         os.environ["KLALIGN_CACHE"] = env_cache
-    assert proc.returncode != 0
-    assert "DataError" in proc.stderr and "bad.jsonl" in proc.stderr and "row 1" in proc.stderr
+    assert proc.returncode == 2
+    assert "error: " in proc.stderr and "bad.jsonl" in proc.stderr and "row 1" in proc.stderr
+    assert "Traceback" not in proc.stderr  # one clear message, not a traceback
     assert not (cache / "tiny").exists()  # no model was built or loaded
 
 
@@ -54,7 +55,60 @@ def test_unknown_config_key_is_named(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model_name_or_path: tiny:policy\nbetaa: 0.1\n")
     proc = run_script(["recipes/dpo.py", "--config", str(config)])
-    assert proc.returncode != 0 and "betaa" in proc.stderr
+    assert proc.returncode == 2 and "betaa" in proc.stderr
+
+
+def bad_input(tmp_path, recipe, config, *args, env=None):
+    """Run a recipe on bad input with a fresh model cache: (exit status, stderr lines, whether a model was built)."""
+    cache = tmp_path / "cache"
+    saved = os.environ["KLALIGN_CACHE"]
+    os.environ["KLALIGN_CACHE"] = str(cache)
+    try:
+        proc = run_script([recipe, "--config", config, "--output_dir", str(tmp_path / "run"), *args])
+    finally:
+        os.environ["KLALIGN_CACHE"] = saved
+    return proc.returncode, [line for line in proc.stderr.splitlines() if line.strip()], (cache / "tiny").exists()
+
+
+@pytest.mark.parametrize("recipe, config, args, message", [
+    ("recipes/dpo.py", "configs/tiny/dpo.yaml", ["--beta", "0"], "beta must be > 0"),
+    ("recipes/dpo.py", "configs/tiny/dpo.yaml", ["--beta", "-0.1"], "beta must be > 0"),
+    ("recipes/iterative_dpo.py", "configs/tiny/iterative_dpo.yaml", ["--beta", "0"], "beta must be > 0"),
+    ("recipes/rso.py", "configs/tiny/rso.yaml", ["--sampling_beta", "0"], "sampling_beta must be > 0"),
+    ("recipes/dpo.py", "configs/tiny/dpo.yaml", ["--report_to", "wandb"], "'wandb' needs the 'wandb' package"),
+    ("recipes/nash_mp.py", "configs/tiny/nash_mp.yaml", ["--report_to", "trackio"], "'trackio' needs"),
+    ("recipes/dpo.py", "configs/does_not_exist.yaml", [], "--config configs/does_not_exist.yaml: no such file"),
+])
+def test_bad_input_is_one_line_and_status_2_before_any_model_loads(recipe, config, args, message, tmp_path):
+    status, lines, built = bad_input(tmp_path, recipe, config, *args)
+    assert status == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not built
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_model_loads(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    status, lines, built = bad_input(tmp_path, "recipes/iterative_dpo.py", "configs/tiny/iterative_dpo.yaml")
+    assert status == 2 and len(lines) == 1 and "is a file" in lines[0] and not built
+
+
+@pytest.mark.parametrize("mode, expected", [("error", "row(s) have 'chosen' identical to 'rejected'"),
+                                            ("drop", "dropped 4 of")])
+def test_pairs_with_chosen_equal_to_rejected_are_refused_or_dropped(mode, expected, tmp_path):
+    rows = [{"prompt": "Hi", "chosen": " yes", "rejected": " no"}, {"prompt": "Yo", "chosen": " a", "rejected": " a"},
+            {"prompt": "So", "chosen": " b", "rejected": " b"}] * 2
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from klalign import DataError, load_preference_dataset
+
+    if mode == "error":
+        with pytest.raises(DataError, match=r"4 row\(s\).*rows are 0-based\): 1, 2, 4, 5"):
+            load_preference_dataset(data)
+    else:
+        proc = run_script(["recipes/dpo.py", "--config", "configs/tiny/dpo.yaml", "--dataset_path", str(data),
+                           "--eval_dataset_path", str(data), "--identical_pairs", "drop", "--max_steps", "1",
+                           "--output_dir", str(tmp_path / "run")])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "dropped 4 of 6 rows" in proc.stderr
 
 
 def test_rso_recipe_samples_pairs_and_trains(tmp_path):
@@ -137,3 +191,19 @@ def test_smollm2_rso_config_runs_end_to_end(tmp_path):
     assert rows and isinstance(rows[0]["prompt"], list) and rows[0]["chosen"][0]["role"] == "assistant"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
     assert summary["pairs_in_file"] == len(rows) and summary["train_loss"] is not None
+
+
+def test_bad_input_under_accelerate_launch_is_one_klalign_line_and_status_2(tmp_path):
+    """The recipe prints one line and exits 2; accelerate's launcher then reports the child's status its own way."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml",
+         "recipes/dpo.py", "--config", "configs/tiny/dpo.yaml", "--beta", "0", "--output_dir", str(tmp_path / "run")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("dpo.py: error:")]
+    assert len(ours) == 1 and "beta must be > 0" in ours[0]
+    assert "returned non-zero exit status 2" in proc.stderr  # the recipe's own status, as the launcher saw it
+    assert "File \"/" not in proc.stderr.split("dpo.py: error:")[0]  # no traceback from the recipe before it

@@ -16,6 +16,7 @@ import trl
 from accelerate.utils import is_peft_model
 from trl.models.utils import disable_gradient_checkpointing
 
+from klalign.checks import check_training_config
 from klalign.logprobs import sequence_logprobs
 from klalign.losses import PREFERENCE_LOSSES, get_preference_loss
 from klalign.reference import Reference
@@ -40,6 +41,7 @@ class DPOConfig(trl.DPOConfig):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        check_training_config(self)  # beta > 0, output_dir, report_to: before any model loads
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         if len(loss_types) != 1:
             raise ValueError(f"loss_type takes one loss in klalign, got {loss_types}")
