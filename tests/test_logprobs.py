@@ -53,3 +53,24 @@ def test_kl_estimators_on_known_distributions():
     assert torch.isclose((pi * kl_k3(l)).sum(), exact)
     assert (kl_k3(l) >= 0).all()
     assert torch.allclose(kl_k2(l), l**2 / 2)
+
+
+def test_lean_logprobs_and_gradients_equal_the_full_logits_path(tiny_tokenizer):
+    """The lean head (no (B, T, V) logits) gives the plain path's log-probs and gradients to 1e-5."""
+    from peft import LoraConfig, get_peft_model
+
+    inputs = batch(tiny_tokenizer)
+    for make in (lambda: build_causal_lm(tiny_tokenizer, seed=3),
+                 lambda: get_peft_model(build_causal_lm(tiny_tokenizer, seed=3),
+                                        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))):
+        grads = []
+        for lean in (True, False):
+            model = make()
+            values = token_logprobs(model, *inputs, lean=lean)
+            (values * torch.linspace(0.5, 2.0, values.shape[1])).sum().backward()  # position-dependent weights
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+            if lean:
+                lean_values = values.detach()
+        torch.testing.assert_close(lean_values, values.detach(), atol=1e-5, rtol=0)
+        for name in grads[1]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)

@@ -97,7 +97,11 @@ class IterativeDPOTrainer(OnlineTrainer):
         labelled = self._label(proposals)
         main_kl = self._main_logratios(proposals)
         # Ties are stored too (everything the oracle answered is kept) and skipped in training.
-        return [self._row(p, a_wins, logratio) for p, a_wins, logratio in zip(proposals, labelled, main_kl)]
+        rows = [self._row(p, a_wins, logratio) for p, a_wins, logratio in zip(proposals, labelled, main_kl)]
+        if self.args.reference == "initial":  # a fixed reference: its log-probs are computed once, here, and stored
+            for row, (chosen, rejected) in zip(rows, self._reference_pair_logps(rows).tolist()):
+                row["ref_chosen_logp"], row["ref_rejected_logp"] = chosen, rejected
+        return rows
 
     def _label(self, proposals: list[PairProposal]) -> list[bool | None]:
         """True if `a` is preferred, False if `b`, None for no preference (a reward tie)."""
@@ -159,7 +163,7 @@ class IterativeDPOTrainer(OnlineTrainer):
         """
         train_rows = rows if self.args.train_on == "latest" else self._all_rows(round_index, rows)
         train_rows = [r for r in train_rows if not r["tie"]]
-        ref_logps = self._reference_pair_logps(train_rows)  # (N, 2), fixed for the round
+        ref_logps = self._pair_reference(train_rows)  # (N, 2), fixed for the round
         rank, world = self.args.process_index, self.args.world_size
         global_batch = self.args.per_device_train_batch_size * world
         losses, margins = [], []
@@ -187,9 +191,18 @@ class IterativeDPOTrainer(OnlineTrainer):
         completions = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
         return self.batch(prompts, completions)
 
+    def _pair_reference(self, rows: list[dict]) -> torch.Tensor:
+        """Reference s(y) of every training pair (N, 2): stored with the pair when the reference is the fixed
+        pi_0 (each pair's log-probs computed once, by the process that collected it), else computed now
+        (`reference: previous`: the policy at the round's start, or a store written without them)."""
+        if self.args.reference == "initial" and all(r.get("ref_chosen_logp") is not None for r in rows):
+            stored = [[r["ref_chosen_logp"], r["ref_rejected_logp"]] for r in rows]
+            return torch.tensor(stored, dtype=torch.float32, device=self.args.device).reshape(-1, 2)
+        return self._reference_pair_logps(rows)
+
     @torch.no_grad()
     def _reference_pair_logps(self, rows: list[dict]) -> torch.Tensor:
-        """Reference s(y) for every pair, computed once per round. (N, 2): chosen, rejected."""
+        """Reference s(y) for every pair. (N, 2): chosen, rejected."""
         use_previous = self.args.reference == "previous"
         out = []
         for start in range(0, len(rows), self.args.per_device_train_batch_size):
