@@ -39,14 +39,17 @@ from klalign.theory import best_of_n_kl_bound, best_of_n_kl_estimate
 def sample_and_score(
     model, tokenizer, oracle: RewardOracle, prompts: list, num_samples: int,
     generation: GenerationArguments | None = None, seed: int | None = None, accelerator=None, progress: bool = False,
+    engine=None, weights_key=None,
 ) -> tuple[list[list[Completion]], torch.Tensor]:
     """`num_samples` completions per prompt and their rewards: (completions, (P, n) float64 scores).
 
     Generation is batched over the flat list of P * n sequences (`generation_batch_size` at a
-    time), so n larger than a batch is simply split across generate() calls. The oracle sees each
+    time), so n larger than a batch is simply split across generate() calls; with a vLLM `engine`
+    (and `model`'s weights pushed under `weights_key`), vLLM batches them. The oracle sees each
     prompt as given (a string or a conversation) and is called once for all P * n responses.
     """
-    completions = sample_completions(model, tokenizer, prompts, num_samples, generation, seed, accelerator, progress)
+    completions = sample_completions(model, tokenizer, prompts, num_samples, generation, seed, accelerator, progress,
+                                     engine=engine, weights_key=weights_key)
     flat = [c for per_prompt in completions for c in per_prompt]
     scores = oracle.score([c.prompt for c in flat], [c.text for c in flat])  # (P * n,)
     return completions, scores.view(len(prompts), num_samples)
@@ -123,6 +126,7 @@ class BestOfNSampler:
         self.model, self.tokenizer, self.oracle, self.n = model, tokenizer, oracle, n
         self.generation = generation or GenerationArguments()
         self.seed, self.accelerator, self.progress = seed, accelerator, progress
+        self.engine = None  # generation_backend: vllm: this process's engine, built on first use
 
     def _check_manifest(self, path: Path) -> None:
         """Same settings draw the same samples: a re-run continues the file; other settings never may."""
@@ -143,11 +147,17 @@ class BestOfNSampler:
         groups = prompt_groups(list(unique), self.generation.generation_batch_size // self.n)
         todo = [g for g in groups if any(key not in done for key in g)]
 
+        if self.generation.generation_backend == "vllm" and self.engine is None:
+            from klalign.vllm_engine import engine_for
+
+            self.engine = engine_for(self.model, self.tokenizer, self.generation, self.seed)
+
         def work(keys: list[str]) -> list[BestOfNResult]:
             group = [unique[k] for k in keys]
             completions, scores = sample_and_score(
                 self.model, self.tokenizer, self.oracle, group, self.n, self.generation,
                 seed=derived_seed(self.seed, "best_of_n", *keys), accelerator=self.accelerator,
+                engine=self.engine, weights_key="model",
             )
             return [BestOfNResult(p, [c.text for c in cs], row) for p, cs, row in zip(group, completions, scores.tolist())]
 

@@ -137,7 +137,7 @@ class PreviousCheckpoint(Enhancer):
         main = trainer.generate(prompts, 1)
         previous = load_file(str(self._snapshot_path(max(round_index - 1, 0))), device=str(self.args.device))
         with swapped(model, previous):  # pi_{t-1}, sampled through the policy's own (gathered) path
-            explore = trainer.generate(prompts, 1)
+            explore = trainer.generate(prompts, 1, weights=("previous", round_index))
         stale = self._snapshot_path(round_index - 2)
         if self.args.should_save and stale.exists():
             stale.unlink()

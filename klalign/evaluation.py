@@ -276,7 +276,7 @@ def completion_logprobs(model, completions: list, pad_token_id: int, batch_size:
     return torch.cat(out).numpy()
 
 
-def _sample(model, tokenizer, oracle, prompts, args, generation, logprob_models: dict) -> dict:
+def _sample(model, tokenizer, oracle, prompts, args, generation, logprob_models: dict, engine=None, key=None) -> dict:
     """Sample n responses per prompt, score them, and take s(y) under each of `logprob_models`.
 
     Prompts are drawn in groups seeded by their identities, spread over the processes of a launch
@@ -288,7 +288,8 @@ def _sample(model, tokenizer, oracle, prompts, args, generation, logprob_models:
     def work(group: list[int]) -> list[dict]:
         group_prompts = [prompts[i] for i in group]
         completions, rewards = sample_and_score(model, tokenizer, oracle, group_prompts, args.num_samples, generation,
-                                                seed=derived_seed(args.seed, "evaluate", *(keys[i] for i in group)))
+                                                seed=derived_seed(args.seed, "evaluate", *(keys[i] for i in group)),
+                                                engine=engine, weights_key=key)
         flat = [c for per_prompt in completions for c in per_prompt]
         logps = {name: completion_logprobs(scorer, flat, tokenizer.pad_token_id, args.logprob_batch_size)
                  .reshape(rewards.shape) for name, scorer in logprob_models.items()}  # (g, n) each
@@ -446,9 +447,20 @@ def evaluate_checkpoints(
             reference = _load(plan.reference_path, args)
         return reference
 
+    engine = None
+
+    def vllm_engine():  # generation_backend: vllm: one engine, every model's weights pushed into it in turn
+        nonlocal engine
+        if generation.generation_backend == "vllm" and engine is None:
+            from klalign.vllm_engine import engine_for
+
+            engine = engine_for(reference_model(), plan.tokenizer, generation, args.seed)
+        return engine
+
     def sample_reference():
         model = reference_model()
-        return _sample(model, plan.tokenizer, plan.oracle, plan.prompts, args, generation, {"ref_logprobs": model})
+        return _sample(model, plan.tokenizer, plan.oracle, plan.prompts, args, generation, {"ref_logprobs": model},
+                       vllm_engine(), "reference")
 
     ref_samples = _cached(cache / f"reference-{plan.reference_key}.json", sample_reference)
     rows = []
@@ -457,7 +469,7 @@ def evaluate_checkpoints(
             model = (_load(plan.reference_path, args, adapter_path=str(checkpoint.path)) if checkpoint.is_adapter
                      else _load(str(checkpoint.path), args))
             record = _sample(model, plan.tokenizer, plan.oracle, plan.prompts, args, generation,
-                             {"logprobs": model, "ref_logprobs": reference_model()})
+                             {"logprobs": model, "ref_logprobs": reference_model()}, vllm_engine(), checkpoint.name)
             record["logratios"] = (np.asarray(record["logprobs"]) - np.asarray(record["ref_logprobs"])).tolist()
             return record
 

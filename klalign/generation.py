@@ -27,14 +27,41 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 
+BACKENDS = ("hf", "vllm")
+# The help of every generation setting, shared by GenerationArguments and OnlineConfig (one text each).
+GENERATION_HELP = {
+    "max_new_tokens": "Most tokens generated per response.",
+    "temperature": "Sampling temperature (> 0).",
+    "top_p": "Nucleus sampling mass in (0, 1].",
+    "generation_batch_size": "Sequences per HF generate() call.",
+    "generation_backend": "'hf' (transformers' generate) or 'vllm' (a colocated vLLM engine per process).",
+    "vllm_gpu_memory_utilization": "vLLM on CUDA: the share of GPU memory its engine may take.",
+    "vllm_kv_cache_gb": "vLLM on CPUs: the KV cache it allocates up front, in GiB.",
+    "vllm_dtype": "vLLM's weights dtype: auto (the model's), float32, bfloat16 or float16.",
+    "vllm_max_model_len": "vLLM's longest prompt + response in tokens (default: the model's).",
+    "vllm_sleep": "vLLM on CUDA: free the engine's memory between rounds (sleep mode).",
+}
+
+
+def generation_field(default, name: str):
+    """A dataclass field for a generation setting, with its one help text (GENERATION_HELP)."""
+    return field(default=default, metadata={"help": GENERATION_HELP[name]})
+
+
 @dataclass
 class GenerationArguments:
     """How responses are sampled. YAML keys map 1:1 onto these fields."""
 
-    max_new_tokens: int = field(default=32, metadata={"help": "Most tokens generated per response."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]."})
-    generation_batch_size: int = field(default=32, metadata={"help": "Sequences generated per generate() call."})
+    max_new_tokens: int = generation_field(32, "max_new_tokens")
+    temperature: float = generation_field(1.0, "temperature")
+    top_p: float = generation_field(1.0, "top_p")
+    generation_batch_size: int = generation_field(32, "generation_batch_size")
+    generation_backend: str = generation_field("hf", "generation_backend")
+    vllm_gpu_memory_utilization: float = generation_field(0.3, "vllm_gpu_memory_utilization")
+    vllm_kv_cache_gb: float = generation_field(1.0, "vllm_kv_cache_gb")
+    vllm_dtype: str = generation_field("auto", "vllm_dtype")
+    vllm_max_model_len: int | None = generation_field(None, "vllm_max_model_len")
+    vllm_sleep: bool = generation_field(True, "vllm_sleep")
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -43,16 +70,26 @@ class GenerationArguments:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.generation_backend not in BACKENDS:
+            raise ValueError(f"generation_backend must be one of {list(BACKENDS)}, got {self.generation_backend!r}")
+        if self.generation_backend == "vllm":
+            from klalign.vllm_engine import require_vllm
+
+            require_vllm()
+            if self.temperature > 2:
+                raise ValueError(f"vLLM samples at temperature <= 2, got {self.temperature}")
 
 
 @dataclass
 class Completion:
-    """One sampled response: the prompt as given, its token ids, the response's ids and text."""
+    """One sampled response: the prompt as given, its token ids, the response's ids and text, and the
+    sampler's log-probs of the sampled tokens under the sampling settings (when it reported them)."""
 
     prompt: object  # str or list of messages
     prompt_ids: list[int]
     completion_ids: list[int]  # the sampled tokens, EOS included when generated, no padding
     text: str  # decoded without special tokens
+    sampler_logprobs: list[float] | None = None  # (len(completion_ids),): log q(y_t | x, y_<t) of the sampler
 
 
 def prompt_token_ids(tokenizer, prompt) -> list[int]:
@@ -146,11 +183,23 @@ def sample_completions(
     seed: int | None = None,
     accelerator=None,
     progress: bool = True,
+    engine=None,
+    weights_key=None,
+    sampler_logprobs: bool = False,
 ) -> list[list[Completion]]:
-    """`num_samples` sampled completions for each prompt: one list per prompt, in prompt order."""
+    """`num_samples` sampled completions for each prompt: one list per prompt, in prompt order.
+
+    `engine`: a `klalign.vllm_engine.VLLMEngine` to sample with instead of HF `generate`; `model`'s
+    weights are pushed into it first unless the ones under `weights_key` are there already. vLLM always
+    reports the sampled tokens' log-probs; HF does with `sampler_logprobs` (from the processed scores).
+    """
     args = args or GenerationArguments()
     if seed is not None:
         torch.manual_seed(seed)
+    if engine is not None:
+        from klalign.vllm_engine import sample_with_engine
+
+        return sample_with_engine(engine, model, tokenizer, prompts, num_samples, args, weights_key)
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     flat = [(p, i) for p, i in zip(prompts, ids) for _ in range(num_samples)]  # a prompt's samples are contiguous
     pad_id = tokenizer.pad_token_id
@@ -166,14 +215,24 @@ def sample_completions(
             for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
                 chunk = flat[start : start + args.generation_batch_size]
                 enc = _left_padded([i for _, i in chunk], pad_id, device)
-                out = unwrapped.generate(**enc, generation_config=config)  # (b, prompt_len + new), left-padded
-                new = out[:, enc["input_ids"].size(1) :].tolist()
-                for (prompt, prompt_ids), generated in zip(chunk, new):
+                out = unwrapped.generate(**enc, generation_config=config, output_scores=sampler_logprobs,
+                                         return_dict_in_generate=sampler_logprobs)
+                sequences = out.sequences if sampler_logprobs else out  # (b, prompt_len + new), left-padded
+                new = sequences[:, enc["input_ids"].size(1) :]  # (b, new)
+                step_logps = _sampled_logprobs(out.scores, new).tolist() if sampler_logprobs else None
+                for j, ((prompt, prompt_ids), generated) in enumerate(zip(chunk, new.tolist())):
                     completion_ids = _strip(generated, stop_ids)
                     text = tokenizer.decode(completion_ids, skip_special_tokens=True)
-                    done.append(Completion(prompt, prompt_ids, completion_ids, text))
+                    logps = None if step_logps is None else step_logps[j][: len(completion_ids)]
+                    done.append(Completion(prompt, prompt_ids, completion_ids, text, logps))
         unwrapped.train(was_training)
     return [done[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def _sampled_logprobs(scores: tuple, tokens: torch.Tensor) -> torch.Tensor:
+    """log q(token) under the processed scores `generate` sampled from, step by step. (b, new)"""
+    return torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, tokens[:, t : t + 1]).squeeze(-1)
+                        for t, step in enumerate(scores)], dim=1)
 
 
 def generate_responses(

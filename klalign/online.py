@@ -23,6 +23,7 @@ checkpoint are replayed from the store: their updates are recomputed, their feed
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -43,9 +44,9 @@ from klalign.checks import check_training_config
 from klalign.data import validate_prompt_dataset
 from klalign.distributed import check_equal_work, decided_on_main, prepare_frozen
 from klalign.feedback import FeedbackStore
-from klalign.generation import GenerationArguments, sample_completions
+from klalign.generation import GenerationArguments, generation_field, sample_completions
 from klalign.integrity import write_checksums
-from klalign.logprobs import completion_batch, sequence_logprobs
+from klalign.logprobs import completion_batch, sequence_logprobs, token_logprobs
 from klalign.manifest import MANIFEST, args_settings, check_or_write, digest, model_fingerprint
 from klalign.reference import Reference
 from klalign.resume import ResumePlan, describe, plan_resume, round_checkpoints
@@ -64,10 +65,24 @@ class OnlineConfig(TrainingArguments):
     prompts_per_chunk: int = field(
         default=8, metadata={"help": "Prompts per stored collection chunk: the unit of work a killed run can lose."}
     )
-    max_new_tokens: int = field(default=32, metadata={"help": "Most tokens generated per response."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the policy."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]."})
-    generation_batch_size: int = field(default=32, metadata={"help": "Sequences per generate() call."})
+    max_new_tokens: int = generation_field(32, "max_new_tokens")
+    temperature: float = generation_field(1.0, "temperature")
+    top_p: float = generation_field(1.0, "top_p")
+    generation_batch_size: int = generation_field(32, "generation_batch_size")
+    generation_backend: str = generation_field("hf", "generation_backend")
+    vllm_gpu_memory_utilization: float = generation_field(0.3, "vllm_gpu_memory_utilization")
+    vllm_kv_cache_gb: float = generation_field(1.0, "vllm_kv_cache_gb")
+    vllm_dtype: str = generation_field("auto", "vllm_dtype")
+    vllm_max_model_len: int | None = generation_field(None, "vllm_max_model_len")
+    vllm_sleep: bool = generation_field(True, "vllm_sleep")
+    importance_correction: str = field(
+        default="none",
+        metadata={"help": "'truncated': weight each sample's policy-gradient and KL-estimate terms by "
+                          "min(pi_train(y) / pi_sampler(y), importance_cap), for samples not drawn from the training "
+                          "model itself (vLLM's kernels and dtype, another temperature): truncated importance "
+                          "sampling, as TRL and OpenRLHF correct vLLM samples. 'none': no weights."},
+    )
+    importance_cap: float = field(default=2.0, metadata={"help": "Truncation of the importance weights (> 1)."})
     save_every_rounds: int = field(
         default=1,
         metadata={"help": "Checkpoint every this many rounds (and after the last). A resumed run replays "
@@ -90,10 +105,14 @@ class OnlineConfig(TrainingArguments):
         for name in ("num_rounds", "prompts_per_round", "prompts_per_chunk", "save_every_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.generation_args()  # validates temperature, top_p, max_new_tokens
-        if self.on_policy and (self.temperature != 1.0 or self.top_p != 1.0):
+        self.generation_args()  # validates temperature, top_p, max_new_tokens, the backend
+        if self.importance_correction not in ("none", "truncated") or self.importance_cap <= 1:
+            raise ValueError(f"importance_correction must be 'none' or 'truncated' and importance_cap > 1, got "
+                             f"{self.importance_correction!r}, {self.importance_cap}")
+        if self.on_policy and self.importance_correction == "none" and (self.temperature != 1.0 or self.top_p != 1.0):
             raise ValueError(f"{type(self).__name__}: the policy gradient and the KL estimates need samples from pi "
-                             f"itself: set temperature 1 and top_p 1 (got {self.temperature}, {self.top_p})")
+                             f"itself: set temperature 1 and top_p 1 (got {self.temperature}, {self.top_p}), or "
+                             "importance_correction: truncated")
         super().__post_init__()
         if self.gradient_accumulation_steps != 1:
             raise ValueError(
@@ -110,12 +129,9 @@ class OnlineConfig(TrainingArguments):
         return {"prompts_per_round": self.prompts_per_round, "prompts_per_chunk": self.prompts_per_chunk}
 
     def generation_args(self, temperature: float | None = None) -> GenerationArguments:
-        return GenerationArguments(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature if temperature is None else temperature,
-            top_p=self.top_p,
-            generation_batch_size=self.generation_batch_size,
-        )
+        """The sampling settings as `klalign.generation` takes them (every field of GenerationArguments)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationArguments)}
+        return GenerationArguments(**{**values, **({} if temperature is None else {"temperature": temperature})})
 
 
 class OnlineTrainer(Trainer):
@@ -155,6 +171,7 @@ class OnlineTrainer(Trainer):
         self.reference = Reference(self.ref_model, self.accelerator)
         self.oracle = oracle.prepare(self.accelerator) if oracle is not None else None
         self.store = FeedbackStore(args.feedback_dir or Path(args.output_dir) / "feedback")
+        self._engine, self._weights_version = None, 0  # the vLLM engine (generation_backend: vllm)
 
     def collection_settings(self, model, ref_model, oracle, peft_config) -> dict:
         """The run manifest's settings (klalign.manifest): models, oracle, prompts, every config field
@@ -206,6 +223,8 @@ class OnlineTrainer(Trainer):
         metrics: dict[str, float] = {}
         for round_index in range(plan.start_round, self.args.num_rounds):
             rows = self._collect_round(round_index)
+            if self._engine is not None:
+                self._engine.sleep()  # CUDA: free vLLM's memory for the update (woken by the next push)
             self.model_wrapped.train()
             self._phase(round_index, "updating")
             seed_everything(derived_seed(self.args.seed, round_index, "update"))
@@ -294,10 +313,36 @@ class OnlineTrainer(Trainer):
 
     # ---- helpers for subclasses ------------------------------------------------------------------
 
-    def generate(self, prompts: list, num_samples: int, temperature: float | None = None):
-        """Sampled completions (token ids kept) from the policy, with the weights now in the model."""
-        return sample_completions(self.model_wrapped, self.processing_class, prompts, num_samples,
-                                  self.args.generation_args(temperature), accelerator=self.accelerator, progress=False)
+    def generate(self, prompts: list, num_samples: int, temperature: float | None = None, weights=None):
+        """Sampled completions (token ids kept) from the policy, with the weights now in the model.
+
+        With `generation_backend: vllm` the weights are pushed into this process's engine when they
+        changed: `weights` names weights swapped in for the call (another iterate: their own name);
+        by default they are the trainer's current ones (`weights_changed` marks every change)."""
+        args = self.args.generation_args(temperature)
+        engine = self.vllm_engine() if args.generation_backend == "vllm" else None
+        return sample_completions(self.model_wrapped, self.processing_class, prompts, num_samples, args,
+                                  accelerator=self.accelerator, progress=False, engine=engine,
+                                  weights_key=("current", self._weights_version) if weights is None else weights,
+                                  sampler_logprobs=self._sampler_differs(args))
+
+    def _sampler_differs(self, args: GenerationArguments) -> bool:
+        """Whether HF sampling should report its log-probs: when its law is not the training policy's, or
+        a correction needs them (vLLM always reports them)."""
+        return self.args.importance_correction != "none" or args.temperature != 1.0 or args.top_p != 1.0
+
+    def weights_changed(self) -> None:
+        """The trainable weights changed outside an optimizer step (a reset): vLLM gets them pushed again."""
+        self._weights_version += 1
+
+    def vllm_engine(self):
+        """This process's colocated vLLM engine, built on first use (the same point on every process)."""
+        if self._engine is None:
+            from klalign.vllm_engine import engine_for
+
+            self._engine = engine_for(self.accelerator.unwrap_model(self.model_wrapped), self.processing_class,
+                                      self.args.generation_args(), seed=derived_seed(self.args.seed, "vllm"))
+        return self._engine
 
     def generate_reference(self, prompts: list, num_samples: int):
         """Sampled completions of pi_ref (token ids kept)."""
@@ -320,6 +365,11 @@ class OnlineTrainer(Trainer):
         """`s(y)` under the current policy without gradients. (B,)"""
         return sequence_logprobs(self.model_wrapped, **batch)
 
+    @torch.no_grad()
+    def frozen_policy_token_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token log-probs of the completions under the current policy, without gradients. (B, T-1)"""
+        return token_logprobs(self.model_wrapped, **batch)
+
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Backward, clip, step, schedule; one global step."""
         self.accelerator.backward(loss)
@@ -329,6 +379,7 @@ class OnlineTrainer(Trainer):
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
+        self._weights_version += 1
 
     # ---- checkpoints -----------------------------------------------------------------------------
 

@@ -128,10 +128,17 @@ def build_rso_dataset(
     groups = prompt_groups(list(unique), generation.generation_batch_size // args.num_candidates)
     todo = [g for g in groups if any(key not in done for key in g)]
 
+    engine = None
+    if generation.generation_backend == "vllm":
+        from klalign.vllm_engine import engine_for
+
+        engine = engine_for(reference, tokenizer, generation, args.sampling_seed)
+
     def work(keys: list[str]) -> list[dict]:
         group = [unique[k] for k in keys]
         samples = sample_completions(reference, tokenizer, group, args.num_candidates, generation,
-                                     seed=derived_seed(args.sampling_seed, "rso", *keys), progress=False)
+                                     seed=derived_seed(args.sampling_seed, "rso", *keys), progress=False,
+                                     engine=engine, weights_key="sampler")
         return [_accept_and_pair(key, prompt, [c.text for c in cands], oracle, args)
                 for key, prompt, cands in zip(keys, group, samples)]
 

@@ -27,6 +27,7 @@ import torch
 from transformers.utils import logging
 
 from klalign.enhancers import ENHANCERS, PairProposal
+from klalign.importance import estimate_weights, mismatch_metrics, sample_statistics
 from klalign.logprobs import kl_k3
 from klalign.losses import PREFERENCE_LOSSES, get_preference_loss
 from klalign.online import OnlineConfig, OnlineTrainer
@@ -95,9 +96,9 @@ class IterativeDPOTrainer(OnlineTrainer):
     def collect(self, round_index: int, prompts: list) -> list[dict]:
         proposals = self.enhancer.propose(round_index, prompts)
         labelled = self._label(proposals)
-        main_kl = self._main_logratios(proposals)
+        main = self._main_statistics(proposals)
         # Ties are stored too (everything the oracle answered is kept) and skipped in training.
-        rows = [self._row(p, a_wins, logratio) for p, a_wins, logratio in zip(proposals, labelled, main_kl)]
+        rows = [{**self._row(p, a_wins), **stats} for p, a_wins, stats in zip(proposals, labelled, main)]
         if self.args.reference == "initial":  # a fixed reference: its log-probs are computed once, here, and stored
             for row, (chosen, rejected) in zip(rows, self._reference_pair_logps(rows).tolist()):
                 row["ref_chosen_logp"], row["ref_rejected_logp"] = chosen, rejected
@@ -123,14 +124,20 @@ class IterativeDPOTrainer(OnlineTrainer):
         return [p.a_preferred for p in proposals]
 
     @torch.no_grad()
-    def _main_logratios(self, proposals: list[PairProposal]) -> list[float]:
-        """log pi_t(y) - log pi_ref(y) of each main-agent sample: per-round KL estimates (k1, k3)."""
+    def _main_statistics(self, proposals: list[PairProposal]) -> list[dict]:
+        """Per main-agent sample: log pi_t(y) - log pi_ref(y) (the round's KL estimates, k1 and k3), log pi_t(y),
+        and the sampler's log-prob and mismatch (`klalign.importance`)."""
         mains = [p.main for p in proposals]
         batch = self.batch([c.prompt_ids for c in mains], [c.completion_ids for c in mains])
-        return (self.frozen_policy_logprobs(batch) - self.reference_logprobs(batch)).tolist()
+        token_logps = self.frozen_policy_token_logprobs(batch)  # (B, T-1)
+        policy = token_logps.sum(dim=1)  # (B,)
+        logratio = (policy - self.reference_logprobs(batch)).tolist()
+        sampled = sample_statistics(token_logps, batch["completion_mask"], mains)
+        return [{"main_logratio": l, "main_policy_logprob": s, **{f"main_{k}": v for k, v in stats.items()}}
+                for l, s, stats in zip(logratio, policy.tolist(), sampled)]
 
     @staticmethod
-    def _row(p: PairProposal, a_wins: bool | None, main_logratio: float) -> dict:
+    def _row(p: PairProposal, a_wins: bool | None) -> dict:
         tie = a_wins is None
         a_wins = True if tie else a_wins
         chosen, rejected = (p.a, p.b) if a_wins else (p.b, p.a)
@@ -147,7 +154,6 @@ class IterativeDPOTrainer(OnlineTrainer):
             "chosen_reward": p.reward_a if a_wins else p.reward_b,
             "rejected_reward": p.reward_b if a_wins else p.reward_a,
             "main_reward": p.main_reward,
-            "main_logratio": main_logratio,
             "oracle_queries": p.queries,
         }
 
@@ -229,9 +235,13 @@ class IterativeDPOTrainer(OnlineTrainer):
             "oracle_queries": sum(r["oracle_queries"] for r in rows),
         }
         logratios = torch.tensor([r["main_logratio"] for r in rows], dtype=torch.float64)
-        if len(logratios):
-            metrics["kl_k1"] = logratios.mean().item()
-            metrics["kl_k3"] = kl_k3(logratios).mean().item()
+        if len(logratios):  # with importance_correction, weighted toward the training policy (klalign.importance)
+            weights = estimate_weights(rows, "main_policy_logprob", "main_sampler_logprob",
+                                       self.args.importance_correction, self.args.importance_cap)
+            weights = torch.ones_like(logratios) if weights is None else weights
+            metrics["kl_k1"] = (weights * logratios).mean().item()
+            metrics["kl_k3"] = (weights * kl_k3(logratios)).mean().item()
+            metrics.update(mismatch_metrics(rows, prefix="main_"))
         rewards = [r["main_reward"] for r in rows if r["main_reward"] is not None]
         if rewards:
             metrics["main_reward"] = sum(rewards) / len(rewards)

@@ -57,15 +57,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers.utils import logging
 
 from klalign.feedback import stored_prompt
-from klalign.generation import gathered_for_generation, stop_token_ids
+from klalign.generation import Completion, gathered_for_generation, stop_token_ids
+from klalign.importance import mismatch_metrics, sample_statistics, truncated_weights
 from klalign.geometric_mixture import sample_geometric_mixture
 from klalign.logprobs import kl_k3, token_logprobs
 from klalign.online import OnlineConfig, OnlineTrainer
 from klalign.seeding import derived_seed
 from klalign.oracles import PreferenceOracle
 from klalign.snapshots import master_weights, reset, swapped, take_snapshot
+
+logger = logging.get_logger(__name__)
 
 METHODS = ("nash_mp", "mirror_descent", "nash_md")
 
@@ -146,6 +150,10 @@ class NashMPTrainer(OnlineTrainer):
             raise TypeError(f"args must be a NashMPConfig, got {type(args).__name__}")
         super().__init__(model, ref_model, args, train_dataset, processing_class, oracle, peft_config, callbacks)
         self.win_rate_pool = self.prompts if eval_dataset is None else list(eval_dataset["prompt"])
+        self._mismatch: list[dict] = []  # the round's sampler/learner mismatch, per sample (klalign.importance)
+        if args.generation_backend == "vllm" and args.method == "nash_md":
+            logger.warning("nash_md: the opponent is a token-level geometric mixture of the policy and pi_ref, which vLLM "
+                           "cannot sample: the opponent's samples come from HF generate, the policy's from vLLM")
 
     def steps_per_round(self) -> int:
         return len(self.args.prox_steps) * self.args.inner_steps
@@ -176,12 +184,14 @@ class NashMPTrainer(OnlineTrainer):
     def collect(self, round_index: int, prompts: list) -> list[dict]:
         return self._sample_pairs(prompts, step=0, opponent=None)
 
-    def _sample_pairs(self, prompts: list, step: int, opponent: dict | None) -> list[dict]:
-        """y ~ pi_theta and y' ~ the opponent, `samples_per_prompt` pairs per prompt, and P(y > y')."""
+    def _sample_pairs(self, prompts: list, step: int, opponent: dict | None, opponent_key=None) -> list[dict]:
+        """y ~ pi_theta and y' ~ the opponent, `samples_per_prompt` pairs per prompt, and P(y > y').
+
+        `opponent_key` names the opponent's weights for a vLLM engine (None: the current policy)."""
         n = self.args.samples_per_prompt
         ours = [c for per_prompt in self.generate(prompts, n) for c in per_prompt]
         with swapped(self._policy, opponent):  # opponent None: pi_k is the current policy (step 0)
-            theirs = [c for per_prompt in self._opponent_samples(prompts, n) for c in per_prompt]
+            theirs = [c for per_prompt in self._opponent_samples(prompts, n, opponent_key) for c in per_prompt]
         pair_prompts = [c.prompt for c in ours]
         probs = self.oracle.preference(pair_prompts, [c.text for c in ours], [c.text for c in theirs])  # (N,)
         labels = torch.bernoulli(probs) if self.args.sample_labels else probs
@@ -192,14 +202,16 @@ class NashMPTrainer(OnlineTrainer):
         return [
             {"prompt": stored_prompt(y.prompt), "prompt_ids": y.prompt_ids, "completion_ids": y.completion_ids,
              "completion": y.text, "opponent": o.text, "preference_prob": p, "label": label,
-             "prox_step": name, "inner_step": inner, "opponent_policy": opponent_name, "oracle_queries": 1}
+             "prox_step": name, "inner_step": inner, "opponent_policy": opponent_name, "oracle_queries": 1,
+             "sampler_logprobs": y.sampler_logprobs}
             for y, o, p, label in zip(ours, theirs, probs.tolist(), labels.tolist())
         ]
 
-    def _opponent_samples(self, prompts: list, n: int):
-        """Samples of the policy now in the model, or of its geometric mixture with pi_ref (Nash-MD)."""
+    def _opponent_samples(self, prompts: list, n: int, key=None):
+        """Samples of the policy now in the model, or of its geometric mixture with pi_ref (Nash-MD: with HF
+        `generate` on every backend, since vLLM cannot sample a token-level mixture of two models)."""
         if self.args.method != "nash_md":
-            return self.generate(prompts, n)
+            return self.generate(prompts, n, weights=key)
         with (gathered_for_generation(self.model_wrapped, self.accelerator) as unwrapped,
               self.reference.mixture_partner(unwrapped) as reference):
             was_training = unwrapped.training
@@ -224,10 +236,13 @@ class NashMPTrainer(OnlineTrainer):
             if phase > 0:  # Nash-MP's full step: opponent pi_{k+1/2}, restart from theta_k
                 opponent = take_snapshot(self._policy)
                 reset(self._policy, start, engine)
+                self.weights_changed()
             stats, used = self._prox_step(round_index, phase, rows if phase == 0 else None, anchor, opponent)
             metrics.update({f"{name}/{k}": v for k, v in stats.items()})
             queries += used
         metrics["loss"] = metrics["full/prox_loss"]
+        metrics.update(mismatch_metrics(self._mismatch))
+        self._mismatch = []
         metrics.update(self._query_counts("preference_queries", queries))
         metrics.update(self._win_rates(round_index, anchor))
         return metrics
@@ -258,7 +273,8 @@ class NashMPTrainer(OnlineTrainer):
         for j, start in enumerate(range(0, len(prompts), size)):
             chunk = prompts[start : start + size][rank::world]
             chunk_index = step * self._chunks_per_step() + j
-            rows += self.collected(round_index, chunk_index, lambda: self._sample_pairs(chunk, step, opponent))
+            key = ("opponent", round_index, step // self.args.inner_steps)  # pi_k or pi_k+1/2 of this round
+            rows += self.collected(round_index, chunk_index, lambda: self._sample_pairs(chunk, step, opponent, key))
         return rows
 
     def _policy_gradient_loss(self, rows: list[dict], anchor: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -280,7 +296,8 @@ class NashMPTrainer(OnlineTrainer):
         win = torch.tensor([r["label"] for r in rows], dtype=logps.dtype, device=logps.device)  # (B,)
         advantage = ((win - 0.5)[:, None] - self.args.beta * _reward_to_go(kl_ref)
                      - self.args.anchor_coef * _reward_to_go(kl_anchor))  # (B, T-1)
-        surrogate = -(advantage * logps * mask).sum(1).mean()
+        weights = self._importance_weights(rows, logps.detach(), batch)  # (B,): 1 without correction
+        surrogate = -(weights[:, None] * advantage * logps * mask).sum(1).mean()
         # Means over every process's rows (k1 estimates of the KLs): L's estimate and its parts.
         parts = torch.stack([win.mean(), kl_ref.sum(1).mean(), kl_anchor.sum(1).mean()])  # (3,)
         win_rate, kl_ref_seq, kl_anchor_seq = self.accelerator.reduce(parts, "mean").tolist()
@@ -302,6 +319,18 @@ class NashMPTrainer(OnlineTrainer):
         for group in optimizer.param_groups:
             if "step" in group:  # fused Adams count steps per group
                 group["step"] = 0
+
+    def _importance_weights(self, rows: list[dict], logps: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Truncated importance weights of the rows' samples toward pi_theta (klalign.importance), and the
+        sampler/learner mismatch of the step recorded for the round's metrics. (B,)"""
+        sampled = sample_statistics(logps, batch["completion_mask"],
+                                    [Completion(None, [], [], "", r.get("sampler_logprobs")) for r in rows])
+        self._mismatch += [x for x in sampled if x["mismatch_sum"] is not None]
+        ones = torch.ones(len(rows), dtype=logps.dtype, device=logps.device)
+        if self.args.importance_correction == "none" or any(x["sampler_logprob"] is None for x in sampled):
+            return ones
+        sampler = torch.tensor([x["sampler_logprob"] for x in sampled], dtype=logps.dtype, device=logps.device)
+        return truncated_weights(logps.sum(dim=1), sampler, self.args.importance_cap)
 
     # ---- metrics ----
 
@@ -340,7 +369,7 @@ class NashMPTrainer(OnlineTrainer):
         ours = [c for per_prompt in self.generate(prompts, n) for c in per_prompt]
         refs = self.generate_reference(prompts, n)
         with swapped(self._policy, anchor):
-            previous = self.generate(prompts, n)
+            previous = self.generate(prompts, n, weights=("pi_k", self.state.global_step))
         refs, previous = [c for p in refs for c in p], [c for p in previous for c in p]
         texts = [c.prompt for c in ours]
         vs_ref = self.oracle.preference(texts, [c.text for c in ours], [c.text for c in refs])  # (N,)

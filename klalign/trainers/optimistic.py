@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from klalign.importance import mismatch_metrics, sample_statistics, truncated_weights
 from klalign.logprobs import kl_k3
 from klalign.online import OnlineConfig, OnlineTrainer
 from klalign.seeding import derived_seed
@@ -156,9 +157,9 @@ class OptimisticKLTrainer(OnlineTrainer):
             self._ask_rewards(prompts, rows)
         else:
             self._ask_preferences(prompts, rows)
-        policy, reference = self._sample_logprobs(rows)
-        for row, s, s_ref in zip(rows, policy.tolist(), reference.tolist()):
-            row["logprobs"], row["ref_logprobs"] = s, s_ref
+        policy, reference, sampled = self._sample_logprobs(rows, [c for group in samples for c in group])
+        for row, s, s_ref, stats in zip(rows, policy.tolist(), reference.tolist(), sampled):
+            row.update(logprobs=s, ref_logprobs=s_ref, **stats)
         return rows
 
     def _ask_rewards(self, prompts: list, rows: list[dict]) -> None:
@@ -181,16 +182,24 @@ class OptimisticKLTrainer(OnlineTrainer):
                        oracle_queries=len(pairs))
 
     @torch.no_grad()
-    def _sample_logprobs(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """s(y) under the policy (pi_old of the update) and the reference, every sample. (G, k) each"""
-        policy, reference = [], []
-        size = self.args.per_device_train_batch_size // self.args.samples_per_prompt  # prompts per batch
+    def _sample_logprobs(self, rows: list[dict], completions: list) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """s(y) under the policy (pi_old of the update) and the reference, every sample, (G, k) each; and per
+        prompt the sampler's log-probs of its k samples and their mismatch (`klalign.importance`)."""
+        policy, reference, sampled = [], [], []
+        k = self.args.samples_per_prompt
+        size = self.args.per_device_train_batch_size // k  # prompts per batch
         for start in range(0, len(rows), size):
             batch = self._sample_batch(rows[start : start + size])
-            policy.append(self.frozen_policy_logprobs(batch).double().cpu())
+            token_logps = self.frozen_policy_token_logprobs(batch)  # (B * k, T-1)
+            policy.append(token_logps.sum(dim=1).double().cpu())
             reference.append(self.reference_logprobs(batch).double().cpu())
-        k = self.args.samples_per_prompt
-        return torch.cat(policy).view(-1, k), torch.cat(reference).view(-1, k)
+            sampled += sample_statistics(token_logps, batch["completion_mask"], completions[start * k : (start + size) * k])
+        per_prompt = [sampled[g * k : (g + 1) * k] for g in range(len(rows))]
+        stats = [{"sampler_logprobs": None if s[0]["sampler_logprob"] is None else [x["sampler_logprob"] for x in s],
+                  "mismatch_sum": None if s[0]["mismatch_sum"] is None else sum(x["mismatch_sum"] for x in s),
+                  "mismatch_max": None if s[0]["mismatch_max"] is None else max(x["mismatch_max"] for x in s),
+                  "mismatch_tokens": sum(x["mismatch_tokens"] for x in s)} for s in per_prompt]
+        return torch.cat(policy).view(-1, k), torch.cat(reference).view(-1, k), stats
 
     def _sample_batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Every sample of the rows' prompts, prompt by prompt: (G * k, T)."""
@@ -247,6 +256,10 @@ class OptimisticKLTrainer(OnlineTrainer):
                                                          learner.optimistic(phi)))  # (G, k) each
         old = torch.tensor([row["logprobs"] for row in rows], dtype=torch.float64)  # (G, k) s(y) under pi_old
         ref = torch.tensor([row["ref_logprobs"] for row in rows], dtype=torch.float64)  # (G, k)
+        weights = torch.ones_like(old)  # (G, k): truncated importance weights toward pi_old (klalign.importance)
+        if args.importance_correction != "none" and all(row.get("sampler_logprobs") for row in rows):
+            sampler = torch.tensor([row["sampler_logprobs"] for row in rows], dtype=torch.float64)
+            weights = truncated_weights(old, sampler, args.importance_cap)
         shaped = r_tilde - args.beta * (old - ref) if args.kl_penalty == "k1_in_reward" else r_tilde
         advantages = k / (k - 1) * (shaped - shaped.mean(1, keepdim=True))  # (G, k) R_i - mean_{j!=i} R_j
 
@@ -257,11 +270,12 @@ class OptimisticKLTrainer(OnlineTrainer):
             order = mine[torch.randperm(len(mine))]
             for start in range(0, len(order), size):
                 idx = order[start : start + size]
-                loss, clip_fraction = self._policy_loss([rows[i] for i in idx], advantages[idx], old[idx], ref[idx])
+                loss, clip_fraction = self._policy_loss([rows[i] for i in idx], advantages[idx] * weights[idx], old[idx],
+                                                        ref[idx])
                 self.optimizer_step(loss)
                 losses.append(loss.item())
                 clipped.append(clip_fraction)
-        return self._round_metrics(rows, r_hat, bonus, r_tilde, old - ref, losses, clipped)
+        return self._round_metrics(rows, r_hat, bonus, r_tilde, old - ref, losses, clipped, weights)
 
     def _policy_loss(self, rows: list[dict], advantages, old, ref) -> tuple[torch.Tensor, float]:
         """Clipped-ratio RLOO loss (+ beta * k3 with `k3_in_loss`) of B prompts' samples; (B, k) inputs."""
@@ -276,18 +290,19 @@ class OptimisticKLTrainer(OnlineTrainer):
         clip_fraction = ((ratio - 1).abs() > self.args.clip_range).float().mean().item()
         return loss, clip_fraction
 
-    def _round_metrics(self, rows, r_hat, bonus, r_tilde, logratio, losses, clipped) -> dict[str, float]:
+    def _round_metrics(self, rows, r_hat, bonus, r_tilde, logratio, losses, clipped, weights) -> dict[str, float]:
         """Means over the round's samples: the learner's rewards, the oracle's, KL of the sampling policy."""
         metrics = {
             "loss": sum(losses) / max(len(losses), 1),
             "reward_optimistic": r_tilde.mean().item(),
             "reward_fitted": r_hat.mean().item(),
             "bonus": bonus.mean().item(),
-            "kl_k1": logratio.mean().item(),
-            "kl_k3": kl_k3(logratio).mean().item(),
+            "kl_k1": (weights * logratio).mean().item(),
+            "kl_k3": (weights * kl_k3(logratio)).mean().item(),
             "clip_fraction": sum(clipped) / max(len(clipped), 1),
             "oracle_queries": sum(row["oracle_queries"] for row in rows),
             "feedback_points": sum(len(f.data()[-1]) for f in self.feedback.values()),
+            **mismatch_metrics(rows),
         }
         if rows[0]["rewards"] is not None:
             rewards = [r for row in rows for r in row["rewards"]]
