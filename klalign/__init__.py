@@ -57,7 +57,10 @@ from klalign.oracles import (
     build_reward_oracle,
 )
 from klalign.geometric_mixture import sample_geometric_mixture
+from klalign.importance import truncated_weights
+from klalign.manifest import RunMismatchError
 from klalign.reference import Reference
+from klalign.resume import ResumeError
 from klalign.reporting import write_summary
 from klalign.reward_learning import (
     EnsembleReward,
@@ -91,6 +94,7 @@ from klalign.theory import (
     tilt_for_kl_budget,
 )
 from klalign.trainers.dpo import DPOConfig, DPOTrainer
+from klalign.vllm_engine import VLLMEngine
 from klalign.trainers.iterative import IterativeDPOConfig, IterativeDPOTrainer
 from klalign.trainers.nash_mp import NashMPConfig, NashMPTrainer
 from klalign.trainers.optimistic import OptimisticKLConfig, OptimisticKLTrainer
@@ -111,7 +115,9 @@ __all__ = [
     "build_reward_oracle",
     "build_rso_dataset",
     "CallableReward",
+    "check_equal_work",
     "Completion",
+    "ConfigError",
     "convert_gguf",
     "DataArguments",
     "DataError",
@@ -162,47 +168,49 @@ __all__ = [
     "OracleArguments",
     "OracleError",
     "parse_config",
+    "place_frozen",
     "preference_dataset",
     "PREFERENCE_LOSSES",
     "PreferenceOracle",
+    "prepare_frozen",
     "read_policy",
+    "Reference",
     "regularized_nash",
     "regularized_objective",
     "rejection_sample",
     "RejectionSamplingArguments",
+    "reset",
     "resolve_model_path",
     "resume_checkpoint",
+    "ResumeError",
     "RewardLearner",
     "RewardModelOracle",
     "RewardOracle",
     "rso_acceptance_rate",
     "rso_hinge_loss",
+    "run_recipe",
+    "RunMismatchError",
     "sample_completions",
     "sample_geometric_mixture",
+    "sampling_config",
     "SentenceEmbeddingFeatures",
     "sequence_logprobs",
     "simulate_kl_ucb",
     "SingleTokenBandit",
+    "stop_token_ids",
+    "swapped",
     "TabularFeatures",
+    "take_snapshot",
     "TestbedPreference",
     "TestbedReward",
     "tilt",
     "tilt_for_kl_budget",
     "token_logprobs",
+    "truncated_weights",
     "vader_sentiment",
     "validate_preference_dataset",
     "validate_prompt_dataset",
-    "check_equal_work",
-    "place_frozen",
-    "prepare_frozen",
+    "VLLMEngine",
     "whole_model_loading",
-    "Reference",
-    "reset",
-    "swapped",
-    "take_snapshot",
-    "sampling_config",
-    "stop_token_ids",
-    "ConfigError",
-    "run_recipe",
     "write_summary",
 ]

@@ -207,3 +207,10 @@ def test_bad_input_under_accelerate_launch_is_one_klalign_line_and_status_2(tmp_
     assert len(ours) == 1 and "beta must be > 0" in ours[0]
     assert "returned non-zero exit status 2" in proc.stderr  # the recipe's own status, as the launcher saw it
     assert "File \"/" not in proc.stderr.split("dpo.py: error:")[0]  # no traceback from the recipe before it
+
+
+def test_every_public_name_is_documented_in_the_readme():
+    import klalign
+
+    readme = (ROOT / "README.md").read_text()
+    assert [name for name in klalign.__all__ if f"`{name}`" not in readme] == []
