@@ -320,11 +320,24 @@ def _cached(path: Path, compute) -> dict:
     return record
 
 
-def summarize(name: str, samples: dict, step: int | None = None, path: str | None = None) -> dict:
-    """One table row: mean reward and KL (k1, k3) with standard errors, and the mean response length."""
+def win_rate(rewards: np.ndarray, reference_rewards: np.ndarray) -> tuple[float, float]:
+    """P(r(y) > r(y_ref)) + P(=)/2 by the reward, every sample against every reference sample of the same
+    prompt, and its standard error over the prompts. (P, n), (P, m) -> (mean, se)"""
+    a, b = rewards[:, :, None], reference_rewards[:, None, :]  # (P, n, 1), (P, 1, m)
+    per_prompt = ((a > b) + 0.5 * (a == b)).mean(axis=(1, 2))  # (P,)
+    se = per_prompt.std(ddof=1) / np.sqrt(len(per_prompt)) if len(per_prompt) > 1 else float("nan")
+    return float(per_prompt.mean()), float(se)
+
+
+def summarize(name: str, samples: dict, step: int | None = None, path: str | None = None,
+              reference_rewards: np.ndarray | None = None) -> dict:
+    """One table row: mean reward, KL (k1, k3) and the win rate against the reference, with standard
+    errors, and the mean response length."""
     rewards = np.asarray(samples["rewards"])  # (P, n)
     row = {"name": name, "step": step, "path": path}
     row["reward"], row["reward_se"] = mean_and_se(rewards)
+    reference_rewards = rewards if reference_rewards is None else reference_rewards
+    row["win_rate"], row["win_rate_se"] = win_rate(rewards, reference_rewards)
     if "logratios" in samples:
         logratio = torch.as_tensor(samples["logratios"], dtype=torch.float64)  # (P, n)
         row["kl_k1"], row["kl_k1_se"] = mean_and_se(kl_k1(logratio).numpy())
@@ -475,7 +488,8 @@ def evaluate_checkpoints(
 
         # Keyed by content only: a final model identical to the last checkpoint is not sampled twice.
         samples = _cached(cache / f"checkpoint-{plan.keys[checkpoint.name]}.json", sample_checkpoint)
-        rows.append(summarize(checkpoint.name, samples, checkpoint.step, str(checkpoint.path)))
+        rows.append(summarize(checkpoint.name, samples, checkpoint.step, str(checkpoint.path),
+                              np.asarray(ref_samples["rewards"])))
 
     rewards = np.asarray(ref_samples["rewards"])  # (P, n)
     eps = level_mass(rewards, np.asarray(ref_samples["ref_logprobs"]),

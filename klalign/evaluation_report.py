@@ -15,7 +15,7 @@ from pathlib import Path
 
 CSV_COLUMNS = [
     "kind", "name", "step", "n", "lam", "reward", "reward_se", "kl_k1", "kl_k1_se", "kl_k3", "kl_k3_se",
-    "kl_bound", "kl_estimate", "kl", "ess", "response_tokens", "path",
+    "win_rate", "win_rate_se", "kl_bound", "kl_estimate", "kl", "ess", "response_tokens", "path",
 ]
 
 
@@ -38,16 +38,18 @@ def markdown_table(report) -> str:
     lines = [
         f"Reward vs KL to the reference `{s['reference_model_path']}` on {s['num_prompts']} prompts x "
         f"{s['num_samples']} samples (reward `{s['reward']}`; ± one standard error over the samples, "
-        "given the prompts).",
+        "given the prompts; the win rate's, over the prompts). Win rate: by the reward, each sample against "
+        "every reference sample of its prompt, ties counted half.",
         "",
-        "| model | step | reward | KL k1 | KL k3 | response tokens |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | step | reward | KL k1 | KL k3 | win rate vs reference | response tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in [report.reference, *report.checkpoints]:
         step = "" if row["step"] is None else row["step"]
         lines.append(
             f"| {row['name']} | {step} | {_pm(row['reward'], row['reward_se'])} | {_pm(row['kl_k1'], row['kl_k1_se'])}"
-            f" | {_pm(row['kl_k3'], row['kl_k3_se'])} | {row['response_tokens']:.1f} |"
+            f" | {_pm(row['kl_k3'], row['kl_k3_se'])} | {_pm(row['win_rate'], row['win_rate_se'])}"
+            f" | {row['response_tokens']:.1f} |"
         )
     lines += [
         "",
