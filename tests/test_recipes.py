@@ -123,7 +123,7 @@ def test_rso_recipe_samples_pairs_and_trains(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").exists()
 
 
-CONFIGS = sorted(str(p.relative_to(ROOT)) for folder in ("tiny", "smollm2", "gpu-7b")
+CONFIGS = sorted(str(p.relative_to(ROOT)) for folder in ("quickstart", "tiny", "smollm2", "gpu-7b")
                  for p in (ROOT / "configs" / folder).glob("*.yaml"))
 
 
