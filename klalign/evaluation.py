@@ -28,7 +28,6 @@ of every setting that changes the samples, so a re-run only samples what is new.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -38,26 +37,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import AutoConfig
-
-from accelerate import PartialState
 
 from klalign.best_of_n import best_of_n_curve, level_mass, sample_and_score
 from klalign.checks import input_errors
 from klalign.config import parse_config
-from klalign.data import DataError, load_prompt_dataset
-from klalign.evaluation_report import markdown_table, write_outputs
-from klalign.generation import GenerationArguments
-from klalign.logprobs import completion_batch, kl_k1, kl_k3, sequence_logprobs
+from klalign.data import load_prompt_dataset
 from klalign.distributed import decided_on_main, place_frozen, process_state, whole_model_loading
+from klalign.evaluation_report import markdown_table, write_outputs
+from klalign.evaluation_stats import summarize, tilted_frontier_estimate
+from klalign.generation import GenerationArguments
+from klalign.integrity import model_digest, weight_files
+from klalign.logprobs import completion_batch, sequence_logprobs
+from klalign.manifest import digest
 from klalign.models import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
 from klalign.oracles import RewardOracle, build_reward_oracle
 from klalign.prompt_jobs import prompt_groups, run_groups
 from klalign.seeding import derived_seed, prompt_key
 
 CACHE_VERSION = 2  # part of every cache key: bump it when what a cached result means changes
-WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model)([-.].*)?\.(safetensors|bin)$")
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(?:round-)?(\d+)$")  # offline steps; online trainers' rounds
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -151,10 +151,6 @@ class EvaluationReport:
 # ----------------------------------------------------------------------------- finding and checking models
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and WEIGHT_FILE.match(p.name))
-
-
 def _as_checkpoint(folder: Path, name: str, step: int | None) -> Checkpoint:
     """A checkpoint for a model folder, or an EvaluationError saying what the folder lacks."""
     is_adapter = (folder / "adapter_config.json").is_file()
@@ -163,7 +159,7 @@ def _as_checkpoint(folder: Path, name: str, step: int | None) -> Checkpoint:
             f"checkpoint {str(folder)!r} is not a model folder (no config.json or adapter_config.json) "
             "nor a run folder (no checkpoint-* subfolders)"
         )
-    if not _weight_files(folder):
+    if not weight_files(folder):
         raise EvaluationError(f"checkpoint {str(folder)!r} holds no weight files (model*.safetensors / *.bin)")
     return Checkpoint(name, folder, step, is_adapter)
 
@@ -231,37 +227,7 @@ def check_tokenizer(checkpoint: Checkpoint, reference_tokenizer, reference_vocab
             raise EvaluationError(f"{where}: {name} is {ours!r} but the reference's is {theirs!r}")
 
 
-# ----------------------------------------------------------------------------- cache keys
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def model_digest(folder: Path) -> str:
-    """sha256 over the config and weight files of a model or adapter folder (names and contents)."""
-    files = [folder / n for n in ("config.json", "adapter_config.json") if (folder / n).is_file()]
-    digest = hashlib.sha256()
-    for path in files + _weight_files(folder):
-        digest.update(f"{path.name}:{_file_digest(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def _key(**parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------- sampling and statistics
-
-
-def mean_and_se(values: np.ndarray) -> tuple[float, float]:
-    """Mean of a (P, n) array and its standard error over the n samples per prompt, given the prompts."""
-    P, n = values.shape
-    return float(values.mean()), float(np.sqrt(values.var(axis=1, ddof=1).sum() / n) / P)
 
 
 @torch.no_grad()
@@ -320,54 +286,6 @@ def _cached(path: Path, compute) -> dict:
     return record
 
 
-def win_rate(rewards: np.ndarray, reference_rewards: np.ndarray) -> tuple[float, float]:
-    """P(r(y) > r(y_ref)) + P(=)/2 by the reward, every sample against every reference sample of the same
-    prompt, and its standard error over the prompts. (P, n), (P, m) -> (mean, se)"""
-    a, b = rewards[:, :, None], reference_rewards[:, None, :]  # (P, n, 1), (P, 1, m)
-    per_prompt = ((a > b) + 0.5 * (a == b)).mean(axis=(1, 2))  # (P,)
-    se = per_prompt.std(ddof=1) / np.sqrt(len(per_prompt)) if len(per_prompt) > 1 else float("nan")
-    return float(per_prompt.mean()), float(se)
-
-
-def summarize(name: str, samples: dict, step: int | None = None, path: str | None = None,
-              reference_rewards: np.ndarray | None = None) -> dict:
-    """One table row: mean reward, KL (k1, k3) and the win rate against the reference, with standard
-    errors, and the mean response length."""
-    rewards = np.asarray(samples["rewards"])  # (P, n)
-    row = {"name": name, "step": step, "path": path}
-    row["reward"], row["reward_se"] = mean_and_se(rewards)
-    reference_rewards = rewards if reference_rewards is None else reference_rewards
-    row["win_rate"], row["win_rate_se"] = win_rate(rewards, reference_rewards)
-    if "logratios" in samples:
-        logratio = torch.as_tensor(samples["logratios"], dtype=torch.float64)  # (P, n)
-        row["kl_k1"], row["kl_k1_se"] = mean_and_se(kl_k1(logratio).numpy())
-        row["kl_k3"], row["kl_k3_se"] = mean_and_se(kl_k3(logratio).numpy())
-    else:  # the reference itself: KL(pi_ref || pi_ref) = 0 exactly
-        row.update(kl_k1=0.0, kl_k1_se=0.0, kl_k3=0.0, kl_k3_se=0.0)
-    row["response_tokens"] = float(np.mean([len(ids) for per in samples["completion_ids"] for ids in per]))
-    return row
-
-
-def tilted_frontier_estimate(rewards: np.ndarray, lambdas: list[float]) -> list[dict]:
-    """Reward and KL of phi_lam ∝ pi_ref exp(lam r) by self-normalised weights over (P, n) samples.
-
-    Per prompt, w = softmax(lam * r) over its n samples: reward = sum w r, KL = sum w log(w n)
-    (ALGORITHMS.md section 0). ess = 1 / sum w^2, the effective number of samples left (n at lam = 0).
-    """
-    rows = []
-    n = rewards.shape[1]
-    for lam in lambdas:
-        w = torch.softmax(torch.as_tensor(lam * rewards, dtype=torch.float64), dim=1).numpy()  # (P, n)
-        kl = np.sum(w * np.log(np.maximum(w * n, np.finfo(np.float64).tiny)), axis=1)  # 0 log 0 = 0
-        rows.append({
-            "lam": float(lam),
-            "reward": float(np.sum(w * rewards, axis=1).mean()),
-            "kl": float(np.maximum(kl, 0.0).mean()),
-            "ess": float((1.0 / np.sum(w**2, axis=1)).mean()),
-        })
-    return rows
-
-
 # ----------------------------------------------------------------------------- the evaluation
 
 
@@ -416,15 +334,15 @@ def _prepare(args: EvaluationArguments, generation: GenerationArguments, oracle:
 
     gen = asdict(generation)
     settings = {
-        "version": CACHE_VERSION, "prompts": _key(prompts=prompts), "reward": reward_id,
+        "version": CACHE_VERSION, "prompts": digest({"prompts": prompts}), "reward": reward_id,
         "num_samples": args.num_samples, "seed": args.seed, "generation": gen, "dtype": args.dtype,
     }
     reference_digest = model_digest(Path(reference_path))
     keys = {
-        c.name: _key(model=model_digest(c.path), adapter=c.is_adapter, reference=reference_digest, **settings)
+        c.name: digest(dict(model=model_digest(c.path), adapter=c.is_adapter, reference=reference_digest, **settings))
         for c in checkpoints
     }
-    reference_key = _key(model=reference_digest, role="reference", **settings)
+    reference_key = digest(dict(model=reference_digest, role="reference", **settings))
     settings = {**settings, "num_prompts": len(prompts), "reference_model_path": args.reference_model_path}
     return _Plan(checkpoints, prompts, oracle, tokenizer, reference_path, reference_key, keys, settings)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 CHECKSUMS = "checksums.sha256"  # in a checkpoint folder: "<sha256>  <relative path>" lines, as sha256sum writes
@@ -69,3 +70,21 @@ def verify_file(path: Path) -> str | None:
     if file_sha256(path) != sidecar.read_text().strip():
         return f"{path}: corrupt (sha256 differs from the one written with it)"
     return None
+
+
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model)([-.].*)?\.(safetensors|bin)$")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a model or adapter folder (safetensors or bin, sharded or not)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and WEIGHT_FILE.match(p.name))
+
+
+def model_digest(folder: Path) -> str:
+    """sha256 over the config and weight files of a model or adapter folder (names and contents)."""
+    folder = Path(folder)
+    files = [folder / n for n in ("config.json", "adapter_config.json") if (folder / n).is_file()]
+    digest = hashlib.sha256()
+    for path in files + weight_files(folder):
+        digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
+    return digest.hexdigest()

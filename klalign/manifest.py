@@ -58,7 +58,7 @@ def args_settings(args) -> dict:
 def model_fingerprint(model) -> str:
     """A content hash of a model's weights: of its checkpoint files when it was loaded from a local
     folder (`klalign.evaluation.model_digest`), else of its state dict (models built in memory)."""
-    from klalign.evaluation import model_digest
+    from klalign.integrity import model_digest
 
     while hasattr(model, "module") and not hasattr(model, "config"):  # DDP / DeepSpeed wrappers
         model = model.module
