@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 
 import torch
@@ -53,10 +54,28 @@ def _launch_environment() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
     if "RANK" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+
+
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range. A port the kernel handed out (bind to 0) is free only
+    until the next outgoing connection takes it: vLLM opens sockets of its own before torch's store listens
+    on MASTER_PORT, and CI once failed with EADDRINUSE that way."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first = max(1024, low - 10000)
+    rng = random.Random()  # not the run's seeded generator: ports must not repeat across processes
+    for port in rng.sample(range(first, low), min(200, low - first)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{first}, {low}) for vLLM's launcher; set MASTER_PORT")
 
 
 def _unwrapped(model):

@@ -1,6 +1,8 @@
 """Checks that guard the sharded path, tested in one process: equal work per process, gradient
 accumulation, on-policy settings, the one reference abstraction, snapshots, whole-model loading."""
 
+import os
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -97,3 +99,20 @@ def test_whole_model_loading_unregisters_zero3_and_puts_it_back():
 
     unset_hf_deepspeed_config()
     del config
+
+
+def test_vllm_launcher_port_is_outside_the_kernels_ephemeral_range(monkeypatch):
+    """A port from bind(0) can be taken by the next outgoing connection before torch's store listens on it
+    (CI failed once with EADDRINUSE); the launcher's port comes from below the ephemeral range."""
+    from klalign.vllm_engine import _launch_environment
+
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    ports = set()
+    for _ in range(5):
+        monkeypatch.delenv("RANK", raising=False)
+        _launch_environment()
+        ports.add(int(os.environ["MASTER_PORT"]))
+    assert all(1024 <= p < low for p in ports), ports
