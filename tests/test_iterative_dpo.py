@@ -6,12 +6,12 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 
 from conftest import ROOT, run_script
 from klalign import IterativeDPOConfig, IterativeDPOTrainer
 from klalign.oracles import BradleyTerryPreference
-from klalign.testbed import SingleTokenBandit, TestbedReward
+from klalign.testbed import SingleTokenBandit, TestbedReward, off_action_mass
 from klalign.testbed_metrics import TestbedMetricsCallback
 
 
@@ -52,12 +52,55 @@ def test_gshf_lands_near_the_tilted_optimum(bed, tmp_path):
     assert sum(h["oracle_queries"] for h in trainer.state.log_history if "round" in h) == 40 * 64
 
 
+def off_action_mass_per_step(folder, out, bandit, seed, rounds):
+    """The largest off-action mass of any prompt after every optimizer step of a run with this file's
+    settings (full fine-tuning, Adam, lr 3e-3, 64 prompts a round, temperature enhancer)."""
+    trainer = make_trainer(folder, out, bandit, BradleyTerryPreference(TestbedReward(bandit)), num_rounds=rounds,
+                           seed=seed)
+    trainer.remove_callback(PrinterCallback)
+    masses, step = [], trainer.optimizer_step
+
+    def step_and_read(loss):
+        step(loss)
+        masses.append(off_action_mass(trainer.model, bandit).max().item())
+
+    trainer.optimizer_step = step_and_read
+    trainer.train()
+    assert len(masses) == 3 * rounds * (rounds + 1) // 2  # 3 epochs over all rounds so far, batches of 64 pairs
+    return masses
+
+
+LEAKY_SEEDS = (1, 5, 6, 8, 9)  # on the plain Llama bed these reach 0.01-0.99 within 6 rounds (measured)
+
+
+def test_full_fine_tuning_cannot_leak_mass_off_the_actions(bed, tmp_path):
+    """Issue 15: on the plain Llama bed, DPO (blind to a shift of all of a prompt's action logits) with Adam on
+    every weight moved whole prompts' mass to EOS in some seeds. The closed bed rules it out by construction:
+    8 seeds (the plain bed's leaky ones among them), 6 rounds, off-action mass < 1e-4 after every step.
+    On the plain bed (`closed=False`) this test fails: worst masses 0.46, 0.99, 0.85, 0.010, 0.037 in the
+    leaky seeds (measured)."""
+    bandit, folder = bed
+    worst = {seed: max(off_action_mass_per_step(folder, tmp_path / str(seed), bandit, seed, rounds=6))
+             for seed in (0, *LEAKY_SEEDS, 2, 3)}
+    assert max(worst.values()) < 1e-4, worst
+
+
+@pytest.mark.slow
+def test_the_plain_llama_bed_leaks_under_the_same_settings(bed, tmp_path):
+    """What the closed bed prevents: the same runs on `closed=False` (the bed before issue 15) leak."""
+    bandit, _ = bed
+    folder = bandit.save(tmp_path / "plain", closed=False)
+    worst = {seed: max(off_action_mass_per_step(folder, tmp_path / str(seed), bandit, seed, rounds=6))
+             for seed in LEAKY_SEEDS}
+    assert min(worst.values()) > 1e-3, worst
+
+
 KILLABLE_RUN = textwrap.dedent('''
     import json, os, sys
     sys.path.insert(0, {tests!r})
     from test_iterative_dpo import make_trainer
     from klalign.oracles import BradleyTerryPreference, PreferenceOracle
-    from klalign.testbed import SingleTokenBandit, TestbedReward
+    from klalign.testbed import SingleTokenBandit, TestbedReward, off_action_mass
 
     folder, out, log, kill_at, resume = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
     save_every = int(sys.argv[6])
