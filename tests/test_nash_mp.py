@@ -171,7 +171,7 @@ LANDING = {
 def test_each_self_play_method_lands_on_the_regularised_nash_equilibrium(method, bed, tmp_path):
     """Online IPO, EGPO, SPPO (beta-regularised) and Nash Prox, full fine-tuning with SGD on the intransitive
     bed: the final policy's exploitability is below the stated threshold (module constant LANDING).
-    The original SPPO (no pi_ref in its anchor) ends at 0.19: its fixed point is the unregularised game's."""
+    The original SPPO (no pi_ref in its anchor) ends at 0.32: its fixed point is the unregularised game's."""
     bandit, folder = bed
     settings, threshold = LANDING[method]
     metrics = TestbedMetricsCallback(bandit, beta=0.1)
@@ -184,13 +184,13 @@ def test_each_self_play_method_lands_on_the_regularised_nash_equilibrium(method,
 @pytest.mark.parametrize("method, tolerance", [("sppo", 0.025), ("nash_prox", 0.03)])
 def test_sppo_and_nash_prox_follow_their_exact_paths(method, tolerance, one_prompt, tmp_path):
     """Many samples, M = 10 annealed steps per round: SPPO's regression is the exact regularised SPPO step
-    (`klalign.theory.sppo`, i.e. mirror descent with eta = 2; measured 0.014 at iterate 1 with K = 256),
+    (`klalign.theory.sppo`, i.e. mirror descent with eta = 2; measured 0.014, 0.011 with K = 256),
     and Nash Prox's self-play inner loop the exact proximal-point step (`klalign.theory.nash_prox`;
     measured 0.010, 0.014, 0.017)."""
     bandit, folder = one_prompt
     P, ref = bandit.P.numpy()[0], bandit.ref.numpy()[0]
     policies = Policies(bandit)
-    rounds = 1 if method == "sppo" else 3
+    rounds = 2 if method == "sppo" else 3
     make_trainer(folder, tmp_path, bandit, callbacks=[policies], method=method,
                  **{**EXACT_REGIME, "num_rounds": rounds, "samples_per_prompt": 256}).train()
     exact = sppo(P, ref, 0.1, 2.0 / 1.2, rounds) if method == "sppo" else nash_prox(P, ref, 0.1, 2.0, rounds)
