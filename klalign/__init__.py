@@ -44,6 +44,8 @@ from klalign.enhancers import ENHANCERS
 from klalign.evaluation import EvaluationArguments, EvaluationError, EvaluationReport, evaluate_checkpoints
 from klalign.feedback import FeedbackStore
 from klalign.online import OnlineConfig, OnlineTrainer
+from klalign.closed_actions import ClosedActionLlamaConfig, ClosedActionLlamaForCausalLM
+from klalign.nash_losses import NASH_LOSSES, prox_policy_gradient_loss, self_play_ipo_loss, sppo_loss
 from klalign.oracles import (
     BradleyTerryPreference,
     CallableReward,
@@ -57,6 +59,12 @@ from klalign.oracles import (
     build_reward_oracle,
 )
 from klalign.geometric_mixture import sample_geometric_mixture
+from klalign.preference_models import (
+    CyclicTextPreference,
+    PairwisePreferenceModel,
+    load_preference_model,
+    text_features,
+)
 from klalign.reference import Reference
 from klalign.reporting import write_summary
 from klalign.reward_learning import (
@@ -78,23 +86,28 @@ from klalign.theory import (
     best_of_n_kl_bound,
     best_of_n_kl_estimate,
     best_of_n_win_rate,
+    egpo,
     exploitability,
     kl,
     mirror_descent,
     nash_md,
     nash_mirror_prox,
+    nash_prox,
+    online_ipo,
     regularized_nash,
     regularized_objective,
     rso_acceptance_rate,
     simulate_kl_ucb,
+    sppo,
     tilt,
     tilt_for_kl_budget,
 )
 from klalign.trainers.dpo import DPOConfig, DPOTrainer
 from klalign.trainers.iterative import IterativeDPOConfig, IterativeDPOTrainer
+from klalign.trainers.nash_methods import METHODS as NASH_METHODS
 from klalign.trainers.nash_mp import NashMPConfig, NashMPTrainer
 from klalign.trainers.optimistic import OptimisticKLConfig, OptimisticKLTrainer
-from klalign.testbed import SingleTokenBandit, TestbedPreference, TestbedReward, read_policy
+from klalign.testbed import SingleTokenBandit, TestbedPreference, TestbedReward, off_action_mass, read_policy
 
 __version__ = "0.1.0"
 
@@ -205,4 +218,20 @@ __all__ = [
     "ConfigError",
     "run_recipe",
     "write_summary",
+    "ClosedActionLlamaConfig",
+    "ClosedActionLlamaForCausalLM",
+    "CyclicTextPreference",
+    "egpo",
+    "load_preference_model",
+    "NASH_LOSSES",
+    "NASH_METHODS",
+    "nash_prox",
+    "off_action_mass",
+    "online_ipo",
+    "PairwisePreferenceModel",
+    "prox_policy_gradient_loss",
+    "self_play_ipo_loss",
+    "sppo",
+    "sppo_loss",
+    "text_features",
 ]
