@@ -1,16 +1,20 @@
-"""Exploitability against preference queries: Nash-MP, mirror descent and Nash-MD on one game.
+"""Exploitability against preference queries: every method of NashMPTrainer on one intransitive game.
 
-    python bench/nash_queries.py                      # the grid below, 3 seeds (~20 min of CPU time)
-    python bench/nash_queries.py --jobs 2 --samples-per-prompt 64 --max-queries 24576   # less noise
+    python bench/nash_queries.py                      # the grid below, 3 seeds
+    python bench/nash_queries.py --samples-per-prompt 64 --max-queries 16384   # 128 pairs a step, less noise
     python bench/nash_queries.py --quick              # one grid point per method, 1 seed (a smoke run)
+    python bench/nash_queries.py --real-model         # SmolLM2-135M + LoRA on the cyclic text judge (bench/nash_real_model.py)
 
-The single-token test bed (ALGORITHMS.md, "The single-token test bed") with an intransitive
-preference matrix over K = 8 responses and beta = 0.1. Every method is `NashMPTrainer` with its
-`method` switched, on the same game, the same initial model, the same seeds and the same tuning
-grid (prox step size eta x inner steps M x learning rate); each inner step queries the oracle on
-`pairs` sampled pairs; the inner solver is SGD with its step size annealed within every prox step
-(`anneal_prox_steps`). After every iteration `TestbedMetricsCallback` reads the policy from the
-logits and records its exact exploitability; the trainer counts the preference queries.
+The single-token test bed (ALGORITHMS.md, "The single-token test bed"; closed by construction, so no run
+leaks mass off the actions) with an intransitive preference matrix over K = 8 responses and beta = 0.1.
+Every method is `NashMPTrainer` with its `method` switched (nash_mp, mirror_descent, nash_md, online_ipo,
+egpo, sppo, nash_prox), on the same game, the same initial model, the same seeds and the same tuning
+grid (prox step size eta x inner steps M x learning rate; online IPO and EGPO step by the learning rate
+alone, so they run the grid's first eta only); each inner step queries the oracle on `pairs` sampled
+pairs (SPPO: K samples a prompt with K(K-1)/2 ~ M x pairs, so that a round costs it what it costs mirror
+descent); the inner solver is SGD with its step size annealed within every prox step
+(`anneal_prox_steps`). After every iteration `TestbedMetricsCallback` reads the policy from the logits
+and records its exact exploitability; the trainer counts the preference queries.
 
 Reported ("Comparing methods honestly"): for each grid point the queries each seed needed to bring
 the exploitability below the target, their median and range; each method's best grid point (by
@@ -49,14 +53,31 @@ from klalign.theory import (  # noqa: E402
     mirror_descent,
     nash_md,
     nash_mirror_prox,
+    nash_prox,
 )
+from klalign.trainers.nash_methods import METHODS as NASH_METHODS  # noqa: E402
 from klalign.trainers.nash_mp import NashMPConfig, NashMPTrainer  # noqa: E402
 
-METHODS = ("nash_mp", "mirror_descent", "nash_md")
-EXACT = {"nash_mp": nash_mirror_prox, "mirror_descent": mirror_descent, "nash_md": nash_md}
+METHODS = tuple(NASH_METHODS)
+STEP_BY_LEARNING_RATE = ("online_ipo", "egpo")  # no prox step size: eta is not theirs to tune
+# Exact iterations (EGPO's exact path is Nash-MP's and SPPO's is mirror descent's, reparametrised; online IPO
+# has no parametrisation-free exact path; Nash Prox's inner game is solved exactly, so it has no query count).
+EXACT = {"nash_mp": nash_mirror_prox, "mirror_descent": mirror_descent, "nash_md": nash_md, "nash_prox": nash_prox}
 THEORY_NAME = {"nash_mp": "nash_mirror_prox", "mirror_descent": "mirror_descent", "nash_md": "nash_md"}
-GRID = {"eta": (2.0, 4.0), "inner_steps": (4, 8), "learning_rate": (0.1, 0.2)}
+GRID = {"eta": (2.0, 4.0, 6.0), "inner_steps": (4, 8), "learning_rate": (0.1, 0.2)}
 QUICK_GRID = {"eta": (4.0,), "inner_steps": (8,), "learning_rate": (0.1,)}
+
+
+def sppo_samples(inner_steps: int, pairs: int) -> int:
+    """K with K(K-1)/2 closest to M x pairs: SPPO's queries a prompt and round match mirror descent's."""
+    return max(2, round((1 + math.sqrt(1 + 8 * inner_steps * pairs)) / 2))
+
+
+def queries_per_round(method: str, inner_steps: int, prompts: int, pairs: int) -> int:
+    if method == "sppo":
+        k = sppo_samples(inner_steps, pairs)
+        return prompts * k * (k - 1) // 2
+    return len(NASH_METHODS[method].phases) * inner_steps * prompts * pairs
 
 
 def run_one(folder: str, method: str, eta: float, inner_steps: int, learning_rate: float, seed: int,
@@ -65,12 +86,13 @@ def run_one(folder: str, method: str, eta: float, inner_steps: int, learning_rat
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
     bandit = SingleTokenBandit.load(folder)
-    prompts = bandit.num_prompts
-    per_round = (2 if method == "nash_mp" else 1) * inner_steps * prompts * opts["samples_per_prompt"]
+    prompts, pairs = bandit.num_prompts, opts["samples_per_prompt"]
+    per_round = queries_per_round(method, inner_steps, prompts, pairs)
+    samples = sppo_samples(inner_steps, pairs) if method == "sppo" else pairs
     with tempfile.TemporaryDirectory() as out:
         args = NashMPConfig(
             output_dir=out, method=method, beta=opts["beta"], eta=eta, inner_steps=inner_steps,
-            samples_per_prompt=opts["samples_per_prompt"], num_rounds=math.ceil(opts["max_queries"] / per_round),
+            samples_per_prompt=samples, num_rounds=math.ceil(opts["max_queries"] / per_round),
             prompts_per_round=prompts, prompts_per_chunk=prompts, win_rate_prompts=0, max_new_tokens=1,
             generation_batch_size=4096, optim="sgd", learning_rate=learning_rate, anneal_prox_steps=True,
             max_grad_norm=0.0, use_cpu=True, bf16=False, report_to="none", save_total_limit=1, seed=seed,
@@ -137,7 +159,7 @@ def exact_curves(bandit: SingleTokenBandit, beta: float, etas, iterations: int) 
     """Mean exploitability over prompts of the exact iterations, (method, eta) -> [iteration 0..]."""
     P, ref = bandit.preference_matrix().numpy(), bandit.ref.numpy()
     out = {}
-    for method, eta in itertools.product(METHODS, etas):
+    for method, eta in itertools.product(EXACT, etas):
         if method == "nash_md" and eta * beta > 1:
             continue
         paths = [EXACT[method](P[c], ref[c], beta, eta, iterations) for c in range(len(ref))]  # (T+1, K) each
@@ -165,7 +187,8 @@ def summarise(runs: list[dict], exact: dict, target: float, pairs: int) -> dict:
         per_seed = " ".join(fmt(q) for q in needed)
         spread = f"[{fmt(needed[0])}, {fmt(needed[-1])}]"
         final = statistics.median(r["exploitability"][-1] for r in group)  # at the budget: the noise floor
-        print(f"{key[0]:<15}{key[1]:>5g}{key[2]:>4}{key[3]:>6g}   {per_seed:<28}{fmt(median):>8}  {spread:<16}{final:.4f}")
+        eta = "-" if key[0] in STEP_BY_LEARNING_RATE else f"{key[1]:g}"
+        print(f"{key[0]:<15}{eta:>5}{key[2]:>4}{key[3]:>6g}   {per_seed:<28}{fmt(median):>8}  {spread:<16}{final:.4f}")
 
     print("\nBest grid point per method (same grid, same seeds):")
     for method, (key, median, needed) in best.items():
@@ -185,9 +208,12 @@ def summarise(runs: list[dict], exact: dict, target: float, pairs: int) -> dict:
     print("\nExact (tabular) iterations from klalign.theory, mean exploitability over prompts by iteration:")
     for (method, eta), curve in exact.items():
         hit = next((k for k, e in enumerate(curve) if e < target), None)
-        evals = "never" if hit is None else hit * PREFERENCE_QUERIES_PER_STEP[THEORY_NAME[method]]
-        print(f"  {method:<15} eta={eta:<4g} opponent evaluations to {target}: {evals:<6} "
-              + " ".join(f"{e:.4f}" for e in curve[:9]))
+        if method in THEORY_NAME:
+            evals = "never" if hit is None else hit * PREFERENCE_QUERIES_PER_STEP[THEORY_NAME[method]]
+            reached = f"opponent evaluations to {target}: {evals:<6}"
+        else:  # Nash Prox: each iteration solves a game exactly
+            reached = f"iterations to {target}: {'never' if hit is None else hit:<14}"
+        print(f"  {method:<15} eta={eta:<4g} {reached} " + " ".join(f"{e:.4f}" for e in curve[:9]))
     return {m: {"eta": k[1], "inner_steps": k[2], "learning_rate": k[3], "median_queries": med, "queries": q}
             for m, (k, med, q) in best.items()} | {"ratio_nash_mp_to_nash_md": ratio}
 
@@ -205,14 +231,23 @@ def main():
     parser.add_argument("--max-queries", type=int, default=6144, help="training query budget of each run")
     parser.add_argument("--quick", action="store_true", help="one grid point per method, one seed")
     parser.add_argument("--out", default="runs/bench-nash-queries.json")
-    cli = parser.parse_args()
+    parser.add_argument("--real-model", action="store_true",
+                        help="SmolLM2-135M on the cyclic text judge instead (its options: bench/nash_real_model.py)")
+    cli, rest = parser.parse_known_args()
+    if cli.real_model:
+        from nash_real_model import main as real_model_main  # the script's folder is on sys.path
+
+        return real_model_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     grid, seeds = (QUICK_GRID, 1) if cli.quick else (GRID, cli.seeds)
     bandit = SingleTokenBandit.intransitive(cli.num_prompts, cli.num_actions, seed=cli.game_seed)
     opts = {"beta": cli.beta, "samples_per_prompt": cli.samples_per_prompt, "max_queries": cli.max_queries,
             "game": [cli.num_prompts, cli.num_actions, cli.game_seed]}
     jobs = [(m, eta, M, lr, s) for m in METHODS for eta, M, lr in itertools.product(*grid.values())
-            for s in range(seeds) if not (m == "nash_md" and eta * cli.beta > 1)]
+            for s in range(seeds) if not (m == "nash_md" and eta * cli.beta > 1)
+            and not (m in STEP_BY_LEARNING_RATE and eta != grid["eta"][0])]
     started = time.time()
     with tempfile.TemporaryDirectory() as folder:
         bandit.save(folder)

@@ -44,6 +44,8 @@ from klalign.enhancers import ENHANCERS
 from klalign.evaluation import EvaluationArguments, EvaluationError, EvaluationReport, evaluate_checkpoints
 from klalign.feedback import FeedbackStore
 from klalign.online import OnlineConfig, OnlineTrainer
+from klalign.closed_actions import ClosedActionLlamaConfig, ClosedActionLlamaForCausalLM
+from klalign.nash_losses import NASH_LOSSES, prox_policy_gradient_loss, self_play_ipo_loss, sppo_loss
 from klalign.oracles import (
     BradleyTerryPreference,
     CallableReward,
@@ -59,6 +61,12 @@ from klalign.oracles import (
 from klalign.geometric_mixture import sample_geometric_mixture
 from klalign.importance import truncated_weights
 from klalign.manifest import RunMismatchError
+from klalign.preference_models import (
+    CyclicTextPreference,
+    PairwisePreferenceModel,
+    load_preference_model,
+    text_features,
+)
 from klalign.reference import Reference
 from klalign.resume import ResumeError
 from klalign.reporting import write_summary
@@ -81,24 +89,29 @@ from klalign.theory import (
     best_of_n_kl_bound,
     best_of_n_kl_estimate,
     best_of_n_win_rate,
+    egpo,
     exploitability,
     kl,
     mirror_descent,
     nash_md,
     nash_mirror_prox,
+    nash_prox,
+    online_ipo,
     regularized_nash,
     regularized_objective,
     rso_acceptance_rate,
     simulate_kl_ucb,
+    sppo,
     tilt,
     tilt_for_kl_budget,
 )
 from klalign.trainers.dpo import DPOConfig, DPOTrainer
 from klalign.vllm_engine import VLLMEngine
 from klalign.trainers.iterative import IterativeDPOConfig, IterativeDPOTrainer
+from klalign.trainers.nash_methods import METHODS as NASH_METHODS
 from klalign.trainers.nash_mp import NashMPConfig, NashMPTrainer
 from klalign.trainers.optimistic import OptimisticKLConfig, OptimisticKLTrainer
-from klalign.testbed import SingleTokenBandit, TestbedPreference, TestbedReward, read_policy
+from klalign.testbed import SingleTokenBandit, TestbedPreference, TestbedReward, off_action_mass, read_policy
 
 __version__ = "0.1.0"
 
@@ -116,15 +129,19 @@ __all__ = [
     "build_rso_dataset",
     "CallableReward",
     "check_equal_work",
+    "ClosedActionLlamaConfig",
+    "ClosedActionLlamaForCausalLM",
     "Completion",
     "ConfigError",
     "convert_gguf",
+    "CyclicTextPreference",
     "DataArguments",
     "DataError",
     "distillation_dataset",
     "dpo_sigmoid_loss",
     "DPOConfig",
     "DPOTrainer",
+    "egpo",
     "ENHANCERS",
     "EnsembleReward",
     "evaluate_checkpoints",
@@ -151,28 +168,36 @@ __all__ = [
     "load_causal_lm",
     "load_policy_and_reference",
     "load_preference_dataset",
+    "load_preference_model",
     "load_prompt_dataset",
     "load_reward_model",
     "load_tokenizer",
     "lora_config",
     "mirror_descent",
     "ModelArguments",
+    "NASH_LOSSES",
     "nash_md",
+    "NASH_METHODS",
     "nash_mirror_prox",
+    "nash_prox",
     "NashMPConfig",
     "NashMPTrainer",
+    "off_action_mass",
+    "online_ipo",
     "OnlineConfig",
     "OnlineTrainer",
     "OptimisticKLConfig",
     "OptimisticKLTrainer",
     "OracleArguments",
     "OracleError",
+    "PairwisePreferenceModel",
     "parse_config",
     "place_frozen",
     "preference_dataset",
     "PREFERENCE_LOSSES",
     "PreferenceOracle",
     "prepare_frozen",
+    "prox_policy_gradient_loss",
     "read_policy",
     "Reference",
     "regularized_nash",
@@ -193,16 +218,20 @@ __all__ = [
     "sample_completions",
     "sample_geometric_mixture",
     "sampling_config",
+    "self_play_ipo_loss",
     "SentenceEmbeddingFeatures",
     "sequence_logprobs",
     "simulate_kl_ucb",
     "SingleTokenBandit",
+    "sppo",
+    "sppo_loss",
     "stop_token_ids",
     "swapped",
     "TabularFeatures",
     "take_snapshot",
     "TestbedPreference",
     "TestbedReward",
+    "text_features",
     "tilt",
     "tilt_for_kl_budget",
     "token_logprobs",

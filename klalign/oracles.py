@@ -292,6 +292,14 @@ class OracleArguments:
     judge_model_path: str | None = field(
         default=None, metadata={"help": "A causal LM used as a pairwise judge (a preference oracle)."}
     )
+    preference_model_path: str | None = field(
+        default=None,
+        metadata={"help": "A pairwise preference model: sequence classification over (prompt, A, B) giving "
+                          "P(A > B), symmetrised over both orders (klalign.preference_models)."},
+    )
+    preference_fn: str | None = field(
+        default=None, metadata={"help": "A preference function by name: cyclic_text (an intransitive text judge)."}
+    )
     feedback: str = field(
         default="reward",
         metadata={"help": "'reward' (scores) or 'preference' (Bradley-Terry labels drawn from a reward's scores)."},
@@ -301,13 +309,20 @@ class OracleArguments:
     )
 
     def __post_init__(self):
-        sources = [x for x in (self.reward_fn, self.reward_model_path, self.judge_model_path) if x is not None]
-        if len(sources) != 1:
-            raise ValueError("set exactly one of reward_fn, reward_model_path and judge_model_path")
+        names = ("reward_fn", "reward_model_path", "judge_model_path", "preference_model_path", "preference_fn")
+        if sum(getattr(self, name) is not None for name in names) != 1:
+            raise ValueError(f"set exactly one of {', '.join(names)}")
         if self.feedback not in ("reward", "preference"):
             raise ValueError(f"feedback must be 'reward' or 'preference', got {self.feedback!r}")
-        if self.judge_model_path is not None and self.feedback != "preference":
-            raise ValueError("a judge gives preferences: set feedback: preference with judge_model_path")
+        for name in names[2:]:
+            if getattr(self, name) is not None and self.feedback != "preference":
+                raise ValueError(f"{name} gives preferences: set feedback: preference with it")
+        if self.preference_fn is not None:
+            from klalign.preference_models import PREFERENCE_FUNCTIONS
+
+            if self.preference_fn not in PREFERENCE_FUNCTIONS:
+                raise ValueError(f"unknown preference_fn {self.preference_fn!r}; expected one of "
+                                 f"{sorted(PREFERENCE_FUNCTIONS)}")
 
 
 def build_oracle(args: OracleArguments, **load_kwargs) -> RewardOracle | PreferenceOracle:
@@ -318,6 +333,15 @@ def build_oracle(args: OracleArguments, **load_kwargs) -> RewardOracle | Prefere
         model = load_causal_lm(args.judge_model_path, trainable=False, **load_kwargs)
         tokenizer = load_tokenizer(args.judge_model_path, cache_dir=load_kwargs.get("cache_dir"))
         return LMJudgePreference(model, tokenizer, name=f"lm_judge({args.judge_model_path})")
+    if args.preference_model_path is not None:
+        from klalign.preference_models import PairwisePreferenceModel, load_preference_model
+
+        model, tokenizer = load_preference_model(args.preference_model_path, **load_kwargs)
+        return PairwisePreferenceModel(model, tokenizer, name=f"preference_model({args.preference_model_path})")
+    if args.preference_fn is not None:
+        from klalign.preference_models import PREFERENCE_FUNCTIONS
+
+        return PREFERENCE_FUNCTIONS[args.preference_fn]()
     reward = build_reward_oracle(args.reward_fn, args.reward_model_path, **load_kwargs)
     if args.feedback == "preference":
         return BradleyTerryPreference(reward, args.bradley_terry_temperature)

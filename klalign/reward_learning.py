@@ -105,7 +105,9 @@ class RewardLearner:
         raise NotImplementedError
 
     def fit_preferences(self, phi_a: torch.Tensor, phi_b: torch.Tensor, a_wins: torch.Tensor,
-                        weights: torch.Tensor | None = None) -> RewardLearner:
+                        weights: torch.Tensor | None = None, temperature: float = 1.0) -> RewardLearner:
+        """Fit on comparisons (1 if a won) under the link P(a > b) = sigmoid((r_a - r_b) / temperature): the
+        fitted reward is in the units of r, which is what `r_max` clips (`_differences`)."""
         raise NotImplementedError
 
     def predict(self, phi: torch.Tensor) -> torch.Tensor:
@@ -118,6 +120,13 @@ class RewardLearner:
         """`r_tilde = min(r_max, r_hat + bonus)`: paper 000, Algorithm 1; ALGORITHMS.md section 1, step 3. (N,)"""
         r = self.predict(phi) + self.bonus(phi)
         return r if self.r_max is None else r.clamp(max=self.r_max)
+
+    def _differences(self, phi_a, phi_b, temperature: float) -> torch.Tensor:
+        """z = (phi_a - phi_b) / temperature: the logistic model sigmoid(z . theta) is then
+        sigmoid((r_a - r_b) / temperature) with r = phi . theta. (N, d)"""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        return (self._check(phi_a) - self._check(phi_b)) / temperature
 
     def _check(self, phi: torch.Tensor) -> torch.Tensor:
         phi = torch.as_tensor(phi, dtype=torch.float64)
@@ -147,9 +156,9 @@ class LinearReward(RewardLearner):
         self._set_sigma(phi, w)
         return self
 
-    def fit_preferences(self, phi_a, phi_b, a_wins, weights=None):
-        """Bradley-Terry MLE on comparisons (1 if a won, 0 if b won)."""
-        z = self._check(phi_a) - self._check(phi_b)  # (N, d)
+    def fit_preferences(self, phi_a, phi_b, a_wins, weights=None, temperature=1.0):
+        """Bradley-Terry MLE on comparisons (1 if a won, 0 if b won), in reward units (see the base class)."""
+        z = self._differences(phi_a, phi_b, temperature)  # (N, d)
         o = torch.as_tensor(a_wins, dtype=torch.float64)
         w = _unit_weights(len(o), weights)
         self.theta = logistic_solution(z, o, w, self.ridge, torch.zeros(self.dim, dtype=torch.float64))
@@ -216,8 +225,8 @@ class EnsembleReward(RewardLearner):
                                    for h in range(self.num_heads)])
         return self
 
-    def fit_preferences(self, phi_a, phi_b, a_wins, weights=None):
-        z = self._check(phi_a) - self._check(phi_b)  # (N, d)
+    def fit_preferences(self, phi_a, phi_b, a_wins, weights=None, temperature=1.0):
+        z = self._differences(phi_a, phi_b, temperature)  # (N, d)
         o = torch.as_tensor(a_wins, dtype=torch.float64)
         w = self._weights(len(o), weights)  # (N, H)
         self.thetas = torch.stack([logistic_solution(z, o, w[:, h], self.ridge, self.priors[h])

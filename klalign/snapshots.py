@@ -1,4 +1,5 @@
-"""Snapshots of the trainable parameters: theta_k of Nash-MP, the previous iterate of GSHF's enhancer.
+"""Snapshots of the trainable parameters: theta_k of Nash-MP, the previous iterate of GSHF's enhancer;
+and of the optimizer's state (EGPO restores the state it had at theta_k for its full step).
 
 A snapshot is a copy of the trainable parameters (the LoRA adapter with PEFT, every weight
 otherwise), taken and restored on every process (under ZeRO-3 the copy gathers the shards: a
@@ -132,3 +133,39 @@ def swapped(model, state: dict[str, torch.Tensor] | None):
     finally:
         load_snapshot(model, current)
 
+
+
+def inner_optimizer(optimizer):
+    """The torch optimizer under accelerate's and DeepSpeed's wrappers (its `state` is keyed by parameter)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def clear_optimizer_state(optimizer) -> None:
+    """Forget the moments and step counts: the next step starts a new problem (a prox step from theta_k)."""
+    optimizer = inner_optimizer(optimizer)
+    optimizer.state.clear()  # torch optimizers (and DeepSpeed's) rebuild the state on their next step
+    for group in optimizer.param_groups:
+        if "step" in group:  # fused Adams count steps per group
+            group["step"] = 0
+
+
+def optimizer_state(optimizer) -> tuple[dict, list]:
+    """A copy of the optimizer's state (tensors cloned) and of its per-group step counts."""
+    optimizer = inner_optimizer(optimizer)
+    copy = lambda v: v.clone() if torch.is_tensor(v) else v  # noqa: E731
+    return ({p: {k: copy(v) for k, v in state.items()} for p, state in optimizer.state.items()},
+            [group.get("step") for group in optimizer.param_groups])
+
+
+def restore_optimizer_state(optimizer, saved: tuple[dict, list]) -> None:
+    """Put back a state from `optimizer_state` (copied again, so it can be restored twice)."""
+    optimizer = inner_optimizer(optimizer)
+    state, steps = saved
+    optimizer.state.clear()
+    for p, values in state.items():
+        optimizer.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in values.items()}
+    for group, step in zip(optimizer.param_groups, steps):
+        if step is not None:
+            group["step"] = step

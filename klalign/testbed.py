@@ -6,9 +6,18 @@ restricted to the action tokens. Every closed form in ALGORITHMS.md (tilted opti
 law, regularised Nash equilibrium) is exact on this contextual bandit, which is how klalign shows
 that its trainers implement the papers' algorithms.
 
-Nothing is special-cased for trainers: the model is a tiny `LlamaForCausalLM` saved with
-`save_pretrained`, the tokenizer a `PreTrainedTokenizerFast`, the data `datasets.Dataset`s of
-strings, the feedback `klalign.oracles` oracles.
+Nothing is special-cased for trainers: the model is a tiny Llama saved with `save_pretrained`, the
+tokenizer a `PreTrainedTokenizerFast`, the data `datasets.Dataset`s of strings, the feedback
+`klalign.oracles` oracles.
+
+The action set is closed by construction (`closed=True`, the default): the model is a
+`klalign.closed_actions.ClosedActionLlamaForCausalLM`, a registered Llama subclass whose forward pass
+allows only the K actions after a prompt and only EOS after an action, so no training of any weight
+can move probability off the actions (a plain Llama can: DPO is blind to a shift shared by all of a
+prompt's action logits, and Adam on every weight leaked up to 0.998 of a prompt's mass to EOS; see
+that module's docstring). `closed=False` builds the same weights as a plain `LlamaForCausalLM`, for
+backends that only know standard architectures (vLLM); its off-action mass is then only kept small
+by the fitted head, and full fine-tuning can raise it.
 
 How the reference policy is set exactly: build the model at random (with orthogonal token
 embeddings, so that different prompts end in nearly orthogonal hidden states), read the final
@@ -30,6 +39,7 @@ from datasets import Dataset
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from klalign.closed_actions import ClosedActionLlamaConfig, ClosedActionLlamaForCausalLM
 from klalign.oracles import BradleyTerryPreference, PreferenceOracle, RewardOracle, sample_preference_labels
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -112,9 +122,9 @@ def _fit_lm_head(model: LlamaForCausalLM, bandit: SingleTokenBandit) -> None:
     """Solve lm_head so that the logits at the constrained positions equal their targets.
 
     Every token but the K actions and EOS gets an all-zero row, so its logit is 0 whatever the
-    hidden state: training that moves the hidden states (Adam on every weight) cannot raise the
-    off-action mass, and their gradients (~ their probability, e^-20) keep the rows near zero.
-    At the end of prompt c (exact): the actions at log ref[c] shifted to NON_ACTION_GAP above 0,
+    hidden state. That alone does not keep the mass on the actions of a plain Llama under training:
+    the action logits themselves can all fall below 0 together (the module docstring); the closed
+    architecture makes the fitted EOS and non-action rows irrelevant. At the end of prompt c (exact): the actions at log ref[c] shifted to NON_ACTION_GAP above 0,
     EOS at 0. After prompt + action (least squares, in directions that leave the prompt logits
     alone): EOS NON_ACTION_GAP above the actions. The C rows of one action are near duplicates
     (same last token) with equal targets, so that fit is truncated where an exact one would blow
@@ -150,24 +160,33 @@ def default_hidden_size(vocab_size: int) -> int:
 
 
 def build_model(
-    bandit: SingleTokenBandit, seed: int = 0, hidden_size: int | None = None, num_layers: int = 2
+    bandit: SingleTokenBandit, seed: int = 0, hidden_size: int | None = None, num_layers: int = 2,
+    closed: bool = True,
 ) -> LlamaForCausalLM:
     """A tiny Llama whose policy at every prompt of `bandit` is exactly its `ref` (C, K).
 
-    The policy is checked after the fit; a RuntimeError says so if it is not exact (a hidden
-    size below `default_hidden_size` may not leave room for it).
+    `closed` (default): a `ClosedActionLlamaForCausalLM`, whose outputs no training can move off the
+    actions; False: a plain `LlamaForCausalLM` with the same weights (module docstring). The policy
+    is checked after the fit; a RuntimeError says so if it is not exact (a hidden size below
+    `default_hidden_size` may not leave room for it).
     """
     tokenizer = bandit.tokenizer
     hidden_size = hidden_size or default_hidden_size(len(tokenizer))
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
         max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
+    if closed:
+        config = ClosedActionLlamaConfig(**settings, action_token_ids=list(bandit.action_token_ids),
+                                         stop_token_id=tokenizer.eos_token_id)
+        architecture = ClosedActionLlamaForCausalLM
+    else:
+        config, architecture = LlamaConfig(**settings), LlamaForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).eval()
+        model = architecture(config).eval()
         # Orthogonal token embeddings with RMS 1 dominate the (std 0.02) attention and MLP outputs,
         # so each prompt ends in a nearly orthogonal hidden state: the fit is well conditioned and
         # training moves each prompt's policy nearly independently, as in a tabular bandit.
@@ -379,14 +398,14 @@ class SingleTokenBandit:
 
     # --- model and data
 
-    def build_model(self, seed: int = 0, hidden_size: int | None = None) -> LlamaForCausalLM:
-        """A fresh tiny Llama whose policy is exactly `ref` (see `build_model`)."""
-        return build_model(self, seed=seed, hidden_size=hidden_size)
+    def build_model(self, seed: int = 0, hidden_size: int | None = None, closed: bool = True) -> LlamaForCausalLM:
+        """A fresh tiny Llama whose policy is exactly `ref` (see `build_model`; `closed=False`: a plain Llama)."""
+        return build_model(self, seed=seed, hidden_size=hidden_size, closed=closed)
 
-    def save(self, directory, seed: int = 0, hidden_size: int | None = None) -> Path:
+    def save(self, directory, seed: int = 0, hidden_size: int | None = None, closed: bool = True) -> Path:
         """Write model, tokenizer and tables to `directory`; loadable with `from_pretrained` and `load`."""
         directory = Path(directory)
-        self.build_model(seed, hidden_size).save_pretrained(directory)
+        self.build_model(seed, hidden_size, closed).save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         names = ("ref", "reward", "features", "theta", "P")
         tables = {name: getattr(self, name).tolist() for name in names if getattr(self, name) is not None}

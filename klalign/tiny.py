@@ -4,7 +4,7 @@ A byte-level BPE tokenizer is trained in-process on an embedded corpus (millisec
 2-layer Llama causal LM and a Llama sequence-classification reward model are built from config.
 Everything round-trips through `save_pretrained` / `from_pretrained` like any checkpoint.
 
-A model path `tiny:policy` or `tiny:reward` in a config names these; `klalign.models` builds the
+A model path `tiny:policy`, `tiny:reward` or `tiny:preference` in a config names these; `klalign.models` builds the
 folder once under the cache and loads it from there.
 """
 
@@ -105,9 +105,17 @@ def build_reward_model(
     return LlamaForSequenceClassification(config)
 
 
+def build_preference_model(
+    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2, seed: int = 1
+) -> LlamaForSequenceClassification:
+    """A randomly initialised tiny pairwise preference model: one output, the logit of P(A > B) for a text
+    holding the prompt and both responses (`klalign.preference_models.PairwisePreferenceModel`)."""
+    return build_reward_model(tokenizer, hidden_size, num_layers, seed)
+
+
 def save_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build the tiny `kind` ("policy" or "reward") with its tokenizer and save both to `out_dir`."""
-    builders = {"policy": build_causal_lm, "reward": build_reward_model}
+    """Build the tiny `kind` ("policy", "reward" or "preference") with its tokenizer and save both to `out_dir`."""
+    builders = {"policy": build_causal_lm, "reward": build_reward_model, "preference": build_preference_model}
     if kind not in builders:
         raise ValueError(f"unknown tiny model {kind!r}; expected one of {sorted(builders)}")
     out_dir = Path(out_dir)

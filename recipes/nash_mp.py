@@ -1,12 +1,16 @@
-"""Nash Mirror Prox (Tiapkin et al. 2025), or its baselines mirror descent and Nash-MD (Munos et al. 2023).
+"""Nash learning from human feedback: Nash Mirror Prox (Tiapkin et al. 2025), its baselines mirror descent and
+Nash-MD (Munos et al. 2023), and the self-play methods online IPO (Calandriello et al. 2024), EGPO (Zhou et al.
+2025), SPPO (Wu et al. 2024) and Nash Prox (the later version of Tiapkin et al.), selected by `method`.
 
     accelerate launch recipes/nash_mp.py --config configs/tiny/nash_mp.yaml
     accelerate launch recipes/nash_mp.py --config configs/tiny/nash_mp.yaml --method nash_md --eta 1.0
+    accelerate launch recipes/nash_mp.py --config configs/tiny/nash_mp.yaml --method online_ipo
+    accelerate launch recipes/nash_mp.py --config configs/tiny/nash_cyclic.yaml        # an intransitive judge
 
-Each round is one iteration k: M policy-gradient steps on the prox loss against pi_k give
-pi_{k+1/2}; M more from theta_k against pi_{k+1/2} give pi_{k+1}. Every sampled pair and the
-preference oracle's answer is stored as it comes. Interrupted? Run the same command with
-`--resume_from_checkpoint true`: the last whole iteration is the start, stored pairs are reused.
+Each round is one iteration k. Nash-MP: M policy-gradient steps on the prox loss against pi_k give
+pi_{k+1/2}; M more from theta_k against pi_{k+1/2} give pi_{k+1} (the other methods: klalign.trainers.nash_methods).
+Every sampled pair and the preference oracle's answer is stored as it comes. Interrupted? Run the same command
+with `--resume_from_checkpoint true`: the last whole iteration is the start, stored pairs are reused.
 """
 
 from klalign import (

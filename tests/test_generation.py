@@ -74,8 +74,9 @@ def test_strip_cuts_at_the_first_stop_and_keeps_sampled_pad_tokens():
 
 
 def test_sampled_pad_tokens_are_kept_when_pad_differs_from_eos(bandit, tmp_path):
-    """The test bed's tokenizer has pad != eos; make the pad token as likely as action 0."""
-    model = bandit.build_model()
+    """The test bed's tokenizer has pad != eos; make the pad token as likely as action 0 (in the plain
+    Llama bed: the closed one cannot emit anything but an action and EOS)."""
+    model = bandit.build_model(closed=False)
     tokenizer = bandit.tokenizer
     pad, a0 = tokenizer.pad_token_id, bandit.action_token_ids[0]
     assert pad != tokenizer.eos_token_id

@@ -4,14 +4,15 @@ import json
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 
 from conftest import ROOT, run_script
 from klalign import IterativeDPOConfig, IterativeDPOTrainer
 from klalign.oracles import BradleyTerryPreference
-from klalign.testbed import SingleTokenBandit, TestbedReward
+from klalign.testbed import SingleTokenBandit, TestbedReward, off_action_mass, read_policy
 from klalign.testbed_metrics import TestbedMetricsCallback
 
 
@@ -52,12 +53,55 @@ def test_gshf_lands_near_the_tilted_optimum(bed, tmp_path):
     assert sum(h["oracle_queries"] for h in trainer.state.log_history if "round" in h) == 40 * 64
 
 
+def off_action_mass_per_step(folder, out, bandit, seed, rounds):
+    """The largest off-action mass of any prompt after every optimizer step of a run with this file's
+    settings (full fine-tuning, Adam, lr 3e-3, 64 prompts a round, temperature enhancer)."""
+    trainer = make_trainer(folder, out, bandit, BradleyTerryPreference(TestbedReward(bandit)), num_rounds=rounds,
+                           seed=seed)
+    trainer.remove_callback(PrinterCallback)
+    masses, step = [], trainer.optimizer_step
+
+    def step_and_read(loss):
+        step(loss)
+        masses.append(off_action_mass(trainer.model, bandit).max().item())
+
+    trainer.optimizer_step = step_and_read
+    trainer.train()
+    assert len(masses) == 3 * rounds * (rounds + 1) // 2  # 3 epochs over all rounds so far, batches of 64 pairs
+    return masses
+
+
+LEAKY_SEEDS = (1, 5, 6, 8, 9)  # on the plain Llama bed these reach 0.01-0.99 within 6 rounds (measured)
+
+
+def test_full_fine_tuning_cannot_leak_mass_off_the_actions(bed, tmp_path):
+    """Issue 15: on the plain Llama bed, DPO (blind to a shift of all of a prompt's action logits) with Adam on
+    every weight moved whole prompts' mass to EOS in some seeds. The closed bed rules it out by construction:
+    8 seeds (the plain bed's leaky ones among them), 6 rounds, off-action mass < 1e-4 after every step.
+    On the plain bed (`closed=False`) this test fails: worst masses 0.46, 0.99, 0.85, 0.010, 0.037 in the
+    leaky seeds (measured)."""
+    bandit, folder = bed
+    worst = {seed: max(off_action_mass_per_step(folder, tmp_path / str(seed), bandit, seed, rounds=6))
+             for seed in (0, *LEAKY_SEEDS, 2, 3)}
+    assert max(worst.values()) < 1e-4, worst
+
+
+@pytest.mark.slow
+def test_the_plain_llama_bed_leaks_under_the_same_settings(bed, tmp_path):
+    """What the closed bed prevents: the same runs on `closed=False` (the bed before issue 15) leak."""
+    bandit, _ = bed
+    folder = bandit.save(tmp_path / "plain", closed=False)
+    worst = {seed: max(off_action_mass_per_step(folder, tmp_path / str(seed), bandit, seed, rounds=6))
+             for seed in LEAKY_SEEDS}
+    assert min(worst.values()) > 1e-3, worst
+
+
 KILLABLE_RUN = textwrap.dedent('''
     import json, os, sys
     sys.path.insert(0, {tests!r})
     from test_iterative_dpo import make_trainer
     from klalign.oracles import BradleyTerryPreference, PreferenceOracle
-    from klalign.testbed import SingleTokenBandit, TestbedReward
+    from klalign.testbed import SingleTokenBandit, TestbedReward, off_action_mass, read_policy
 
     folder, out, log, kill_at, resume = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
     save_every = int(sys.argv[6])
@@ -134,13 +178,150 @@ def test_each_enhancer_runs_and_stores_its_pairs(enhancer, bed, tmp_path):
     assert (tmp_path / "checkpoint-round-00001").is_dir()
 
 
-def test_reference_previous_and_latest_round_options(bed, tmp_path):
+class RoundStarts(TrainerCallback):
+    """The exact policy at the start of every round: pi_ref, then the policy after each logged round."""
+
+    def __init__(self, bandit):
+        self.bandit, self.policies = bandit, [bandit.ref.numpy()]
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        if "round" in (logs or {}):
+            self.policies.append(read_policy(model, self.bandit).numpy())
+
+
+def pair_logprobs(bandit, policy, rows) -> np.ndarray:
+    """log policy(chosen), log policy(rejected) of every row from a (C, K) table. (N, 2)"""
+    return np.array([[np.log(policy[bandit.prompt_index(r["prompt"]), bandit.action_index(r[side])])
+                      for side in ("chosen", "rejected")] for r in rows])
+
+
+@pytest.mark.parametrize("reference", ["initial", "previous"])
+def test_reference_option_sets_the_log_ratios_of_the_loss(reference, bed, tmp_path):
+    """The DPO log-ratios of round t are taken against pi_ref ("initial", the paper) or against the policy at
+    the round's start ("previous"): the reference log-probs the loss receives are those of that policy, and
+    with "previous" every round's first step starts at margin 0. `train_on: latest` trains on the round's
+    pairs only."""
+    bandit, folder = bed
+    starts = RoundStarts(bandit)
+    trainer = make_trainer(folder, tmp_path, bandit, BradleyTerryPreference(TestbedReward(bandit)), [starts],
+                           num_rounds=3, prompts_per_round=16, reference=reference, train_on="latest")
+    seen, reference_fn = [], trainer._reference_pair_logps
+
+    def spy(rows):
+        logps = reference_fn(rows)
+        seen.append((rows, logps.detach().double().cpu().numpy()))
+        return logps
+
+    trainer._reference_pair_logps = spy
+    trainer.train()
+    assert [h["pairs_trained"] for h in trainer.state.log_history if "round" in h] == [
+        sum(not r["tie"] for r in trainer.store.round_rows(t)) for t in range(3)]
+    for t, (rows, logps) in enumerate(seen):
+        expected = starts.policies[t] if reference == "previous" else bandit.ref.numpy()
+        np.testing.assert_allclose(logps, pair_logprobs(bandit, expected, rows), atol=1e-4)
+    assert np.abs(pair_logprobs(bandit, starts.policies[2], seen[2][0])
+                  - pair_logprobs(bandit, bandit.ref.numpy(), seen[2][0])).max() > 1e-2  # the two differ
+
+
+def test_uncertainty_enhancer_picks_the_widest_pair(bed, tmp_path):
+    """Of the n candidates of each prompt, the proposed pair maximises ||phi_i - phi_j||_{Sigma^-1}, with phi the
+    reference's mean last hidden state over the response and Sigma = lam I + the outer products of every
+    stored pair's difference and of the pairs proposed before it in the round (recomputed here directly)."""
     bandit, folder = bed
     trainer = make_trainer(folder, tmp_path, bandit, BradleyTerryPreference(TestbedReward(bandit)), num_rounds=2,
-                           prompts_per_round=16, reference="previous", train_on="latest")
+                           prompts_per_round=16, enhancer="uncertainty", samples_per_prompt=4)
+    calls, generate = [], trainer.generate
+
+    def recording_generate(prompts, n, temperature=None):
+        out = generate(prompts, n, temperature)
+        calls.append(out)
+        return out
+
+    trainer.generate = recording_generate
     trainer.train()
-    trained = [h["pairs_trained"] for h in trainer.state.log_history if "round" in h]
-    assert all(n <= 16 for n in trained)  # only the latest round's pairs
+    reference = trainer.ref_model
+
+    def phi(prompt_ids, completion_ids):  # (d,) float64, straight from the reference's forward pass
+        ids = torch.tensor([prompt_ids + completion_ids])
+        hidden = reference(input_ids=ids, output_hidden_states=True).hidden_states[-1][0].double()  # (T, d)
+        return hidden[len(prompt_ids):].mean(0)
+
+    dim = reference.config.hidden_size
+    for round_index, candidates in enumerate(calls):
+        past = [r for t in range(round_index) for r in trainer.store.round_rows(t)]
+        sigma = torch.eye(dim, dtype=torch.float64)
+        for r in past:
+            d = phi(r["prompt_ids"], r["chosen_ids"]) - phi(r["prompt_ids"], r["rejected_ids"])
+            sigma += torch.outer(d, d)
+        proposed = trainer.store.round_rows(round_index)
+        assert len(proposed) == len(candidates) == 16
+        for row, group in zip(proposed, candidates):
+            feats = torch.stack([phi(c.prompt_ids, c.completion_ids) for c in group])  # (n, d)
+            inverse = torch.linalg.inv(sigma)
+            widths = {(i, j): (feats[i] - feats[j]) @ inverse @ (feats[i] - feats[j])
+                      for i in range(4) for j in range(4) if i < j}
+            chosen_pair = {row["chosen_ids"][0], row["rejected_ids"][0]}
+            width = next(w for (i, j), w in widths.items()
+                         if {group[i].completion_ids[0], group[j].completion_ids[0]} == chosen_pair)
+            assert width >= max(widths.values()) * (1 - 1e-6), (width, max(widths.values()))
+            d = phi(row["prompt_ids"], row["chosen_ids"]) - phi(row["prompt_ids"], row["rejected_ids"])
+            sigma += torch.outer(d, d)
+
+
+def test_previous_checkpoint_enhancer_samples_the_previous_round_policy(bed, tmp_path):
+    """After 3 rounds, round 3's enhancer samples pi_2 (the policy at the start of round 2), not pi_3: 4000
+    samples against both policies (chi-square), while the main agent's follow pi_3."""
+    from scipy.stats import chisquare
+
+    bandit, folder = bed
+    starts = RoundStarts(bandit)
+    trainer = make_trainer(folder, tmp_path, bandit, BradleyTerryPreference(TestbedReward(bandit)), [starts],
+                           num_rounds=3, enhancer="previous_checkpoint", learning_rate=1e-2)
+    trainer.train()
+    previous, current = starts.policies[2], starts.policies[3]
+    assert np.abs(previous - current).max() > 0.05  # far enough apart to tell which one is sampled
+    torch.manual_seed(0)
+    proposals = trainer.enhancer.propose(3, bandit.prompts * 1000)
+    for side, policy, other in (("b", previous, current), ("a", current, previous)):
+        counts = np.zeros_like(previous)
+        for proposal in proposals:
+            counts[bandit.prompt_index(proposal.prompt), bandit.action_index(getattr(proposal, side).text)] += 1
+        for c in range(bandit.num_prompts):
+            assert chisquare(counts[c], 1000 * policy[c] / policy[c].sum()).pvalue > 1e-4, (side, c)
+        assert min(chisquare(counts[c], 1000 * other[c] / other[c].sum()).pvalue for c in range(4)) < 1e-6, side
+    assert {p.policy_b for p in proposals} == {"previous_checkpoint"}
+
+
+def test_rejection_sampling_enhancer_accepts_at_rso_rate(bed, tmp_path, monkeypatch):
+    """RSO's statistical rejection sampling (Liu et al. 2024): each of the n candidates is accepted with
+    probability exp((r - max r) / beta); over 2000 prompts the accepted count is within 4 standard errors of
+    that rate, candidate by candidate rank, and the pair is the best and worst accepted candidate."""
+    import klalign.enhancers
+
+    bandit, folder = bed
+    trainer = make_trainer(folder, tmp_path, bandit, TestbedReward(bandit), num_rounds=1, prompts_per_round=16,
+                           enhancer="rejection_sampling", samples_per_prompt=6, beta=0.3)
+    masks, sample = [], klalign.enhancers.rejection_sample
+
+    def recording(rewards, beta, *args, **kwargs):
+        mask = sample(rewards, beta, *args, **kwargs)
+        masks.append((rewards.clone(), mask.clone()))
+        return mask
+
+    monkeypatch.setattr(klalign.enhancers, "rejection_sample", recording)
+    torch.manual_seed(0)
+    proposals = trainer.enhancer.propose(0, bandit.prompts * 500)
+    rewards = torch.stack([r for r, _ in masks])  # (N, n)
+    accepted = torch.stack([m for _, m in masks]).double()  # (N, n)
+    rate = torch.exp((rewards - rewards.max(1, keepdim=True).values) / 0.3)  # the rate at the config's beta
+    order = rewards.argsort(1)  # rank the candidates of each prompt by reward
+    for rank in range(6):
+        a, p = accepted.gather(1, order[:, rank:rank + 1]), rate.gather(1, order[:, rank:rank + 1])
+        z = (a - p).sum() / (p * (1 - p)).sum().clamp(min=1e-12).sqrt()
+        assert abs(z) < 4 or (p == 1).all(), (rank, z.item())
+    for proposal, (r, mask) in zip(proposals, masks):
+        if mask.sum() >= 2:
+            assert proposal.reward_a == r[mask].max().item() and proposal.reward_b == r[mask].min().item()
 
 
 @pytest.mark.parametrize(

@@ -114,15 +114,20 @@ def underexplored() -> SingleTokenBandit:
     return SingleTokenBandit.underexplored(num_prompts=4, num_actions=10, seed=0, best_mass=math.exp(-5))
 
 
-def test_optimism_beats_greedy_where_the_reference_underexplores(tmp_path):
-    """Seed 0, 100 rounds, lr 0.01, one step a round (the bench's grid point): 10.1 against 17.4 measured."""
+@pytest.mark.parametrize("learner, kl_penalty, gamma", [("linear", "k1_in_reward", 0.5),
+                                                       ("ensemble", "k3_in_loss", 1.0)])
+def test_optimism_beats_greedy_where_the_reference_underexplores(tmp_path, learner, kl_penalty, gamma):
+    """Seed 0, 100 rounds, lr 0.01, one step a round (the bench's grid point), the greedy learner (gamma 0) on
+    the same settings as the baseline. Measured cumulative regret: linear 10.1 against 17.4; ensemble with
+    the GRPO-style k3 penalty 11.3 against 19.5. The greedy learner in the optimistic slot fails (ratio 1)."""
     bandit = underexplored()
     regret = {}
-    for gamma in (0.0, 0.5):
-        trainer, metrics = make_trainer(bandit, tmp_path / f"gamma-{gamma}", gamma=gamma, rounds=100, seed=0)
+    for g in (0.0, gamma):
+        trainer, metrics = make_trainer(bandit, tmp_path / f"gamma-{g}", gamma=g, rounds=100, seed=0,
+                                        reward_learner=learner, kl_penalty=kl_penalty)
         trainer.train()
-        regret[gamma] = played_regret(bandit, metrics)
-    assert regret[0.5].sum() < 0.75 * regret[0.0].sum(), (regret[0.5].sum(), regret[0.0].sum())
+        regret[g] = played_regret(bandit, metrics)
+    assert regret[gamma].sum() < 0.75 * regret[0.0].sum(), (regret[gamma].sum(), regret[0.0].sum())
 
 
 @pytest.mark.slow
@@ -147,22 +152,28 @@ def test_regret_goals_over_three_seeds(tmp_path):
     assert max(ratios) < 0.55 and np.median(ratios) <= 0.5, ratios
 
 
-@pytest.mark.parametrize("feedback, learner, kl_penalty", [
-    ("preference", "linear", "k1_in_reward"),
-    ("reward", "ensemble", "k3_in_loss"),
-])
-def test_preference_feedback_ensemble_and_k3_learn(tmp_path, feedback, learner, kl_penalty):
-    bandit = linear_bandit(seed=1)
-    oracle = BradleyTerryPreference(TestbedReward(bandit), temperature=0.1) if feedback == "preference" else None
-    trainer, metrics = make_trainer(bandit, tmp_path, rounds=25, oracle=oracle, reward_learner=learner,
-                                    kl_penalty=kl_penalty, ensemble_size=4)
+def test_preference_feedback_is_learned_in_reward_units(tmp_path):
+    """Bradley-Terry feedback with temperature 0.1 on the under-explored bed (rewards in [0, 1], r_max 1): the
+    learner fits P(a > b) = sigmoid((r_a - r_b) / 0.1), read from the oracle, so r_hat is in reward units and
+    r_tilde = min(r_max, r_hat + bonus) can lead the policy to pi*: KL(pi || pi*) 0.113 after 100 rounds
+    (measured). Fitted with T = 1, as before issue 15, r_hat estimates r / 0.1 and the clip flattens every
+    reward above 0.1: KL 2.87 (measured), and this test fails. Comparison counts: k neighbours a prompt.
+
+    Optimism does not beat greedy here (cumulative regret 14.02 against 14.03 at gamma 0.5; measured): one
+    comparison at T = 0.1 already shrinks the elliptical bonus along it to ~T, whatever the outcome."""
+    bandit = underexplored()
+    oracle = BradleyTerryPreference(TestbedReward(bandit), temperature=0.1)
+    trainer, metrics = make_trainer(bandit, tmp_path, rounds=100, oracle=oracle, gamma=0.5)
+    assert trainer.preference_temperature == 0.1
     trainer.train()
     rows = trainer.store.round_rows(0)
-    if feedback == "preference":  # neighbours i vs i+1 mod k: k comparisons a prompt
-        assert rows[0]["rewards"] is None and len(rows[0]["pairs"]) == len(rows[0]["a_wins"]) == 8
-        assert all(h["oracle_queries"] == 3 * 8 for h in trainer.state.log_history if "round" in h)
-    regret = played_regret(bandit, metrics)
-    assert regret[-5:].mean() < 0.5 * regret[0], regret
+    assert rows[0]["rewards"] is None and len(rows[0]["pairs"]) == len(rows[0]["a_wins"]) == 8
+    assert all(h["oracle_queries"] == 4 * 8 for h in trainer.state.log_history if "round" in h)
+    assert metrics.history[-1]["testbed/kl_to_optimum"] < 0.3, metrics.history[-1]
+    learner = trainer.fit_reward(99, trainer.store.round_rows(99))
+    best = bandit.reward_table().argmax(-1)  # (C,) each prompt's best response, reward 1
+    phi = bandit.features[torch.arange(4), best]  # (C, d)
+    assert (learner.predict(phi) > 0.5).all(), learner.predict(phi)  # in reward units: 10 r would clip at r_max
 
 
 def test_resume_is_exact(tmp_path):

@@ -95,7 +95,10 @@ def test_reward_model_oracle_scores_in_batches(tiny_tokenizer):
         (dict(), "exactly one of"),
         (dict(reward_fn="vader", judge_model_path="x"), "exactly one of"),
         (dict(reward_fn="vader", feedback="votes"), "feedback must be"),
-        (dict(judge_model_path="x"), "a judge gives preferences"),
+        (dict(judge_model_path="x"), "judge_model_path gives preferences"),
+        (dict(preference_model_path="x"), "preference_model_path gives preferences"),
+        (dict(preference_fn="cyclic_text", reward_fn="vader", feedback="preference"), "exactly one of"),
+        (dict(preference_fn="vibes", feedback="preference"), "unknown preference_fn"),
     ],
 )
 def test_oracle_arguments_are_checked(kwargs, message):

@@ -68,6 +68,25 @@ def test_logistic_fit_recovers_theta_on_bradley_terry_data():
                                rtol=1e-10)
 
 
+def test_a_bradley_terry_temperature_keeps_the_fit_in_reward_units():
+    """Data from P(a > b) = sigmoid((r_a - r_b) / 0.2): told the temperature, both learners recover theta itself
+    (not theta / 0.2), which is what r_max clips."""
+    g = torch.Generator().manual_seed(2)
+    d, n, T = 3, 6000, 0.2
+    theta = torch.tensor([0.6, -0.3, 0.2], dtype=torch.float64)
+    phi_a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    phi_b = torch.randn(n, d, generator=g, dtype=torch.float64)
+    a_wins = torch.bernoulli(torch.sigmoid((phi_a - phi_b) @ theta / T), generator=g)
+    linear = LinearReward(d, ridge=1e-3).fit_preferences(phi_a, phi_b, a_wins, temperature=T)
+    assert (linear.theta - theta).abs().max() < 0.05, linear.theta
+    unscaled = LinearReward(d, ridge=1e-3).fit_preferences(phi_a, phi_b, a_wins)
+    assert (unscaled.theta - theta / T).abs().max() < 0.25, unscaled.theta
+    ensemble = EnsembleReward(d, num_heads=4, ridge=1e-3, seed=0).fit_preferences(phi_a, phi_b, a_wins, temperature=T)
+    assert (ensemble.thetas.mean(0) - theta).abs().max() < 0.05
+    with pytest.raises(ValueError, match="temperature"):
+        linear.fit_preferences(phi_a, phi_b, a_wins, temperature=0.0)
+
+
 def test_logistic_solution_is_regularised_toward_the_prior():
     z = torch.zeros(4, 2, dtype=torch.float64)  # no information: the answer is the prior
     prior = torch.tensor([0.3, -2.0], dtype=torch.float64)

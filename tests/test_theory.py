@@ -24,10 +24,14 @@ from klalign.theory import (
     kl_estimators,
     log_partition,
     memoryless_best_of_n,
+    egpo,
     mirror_descent,
     nash_md,
     nash_mirror_prox,
+    nash_prox,
     nash_residual,
+    online_ipo,
+    sppo,
     random_intransitive_game,
     regularized_nash,
     regularized_objective,
@@ -272,7 +276,8 @@ def test_iterations_follow_their_update_rules():
     mixture /= mixture.sum()
     expected = mixture * np.exp(eta * P @ mixture)
     assert np.allclose(nmd[2], expected / expected.sum(), atol=1e-14)
-    assert PREFERENCE_QUERIES_PER_STEP == {"nash_mirror_prox": 2, "mirror_descent": 1, "nash_md": 1}
+    assert PREFERENCE_QUERIES_PER_STEP == {"nash_mirror_prox": 2, "mirror_descent": 1, "nash_md": 1, "online_ipo": 1,
+                                           "egpo": 2, "sppo": 1}
 
 
 def test_nash_mirror_prox_meets_its_linear_rate_on_100_games():
@@ -284,6 +289,67 @@ def test_nash_mirror_prox_meets_its_linear_rate_on_100_games():
         divergence = kl(optimum, nash_mirror_prox(P, ref, beta, 2.0, 10))  # (11,)
         bound = (1 + 2 * beta) ** -np.arange(11) * divergence[0]
         assert np.all(divergence[1:] <= bound[1:] + 1e-12)
+
+
+def test_egpo_is_nash_mirror_prox_with_the_kl_linearised():
+    """Zhou et al.'s extragradient step `e` is exactly Nash-MP with eta = e / (1 - e beta); it is not mirror descent."""
+    rng = np.random.default_rng(15)
+    for K, beta, step in [(8, 0.1, 2 / 1.2), (20, 0.03, 5.0), (4, 1.0, 0.5)]:
+        P, ref = random_game(rng, K)
+        path = egpo(P, ref, beta, step, 12)
+        assert np.allclose(path, nash_mirror_prox(P, ref, beta, step / (1 - step * beta), 12), atol=1e-12)
+        assert np.abs(path - mirror_descent(P, ref, beta, step / (1 - step * beta), 12)).max() > 1e-4
+    with pytest.raises(ValueError, match="step"):
+        egpo(P, ref, 0.5, 2.0, 3)
+
+
+def test_regularised_sppo_is_mirror_descent_and_the_original_cycles():
+    """SPPO anchored at the pi_k/ref mixture is mirror descent with eta = e / (1 - e beta) and lands on pi*;
+    the original (anchor pi_k alone, multiplicative weights) targets the unregularised game, and its last
+    iterate keeps a large gap there (max_y P(y > pi) - 1/2) while its average iterate's gap shrinks."""
+    rng = np.random.default_rng(16)
+    P, ref = random_game(rng, 8)
+    beta, step = 0.1, 2 / 1.2
+    path = sppo(P, ref, beta, step, 300)
+    assert np.allclose(path[:20], mirror_descent(P, ref, beta, step / (1 - step * beta), 19), atol=1e-12)
+    assert abs(exploitability(P, ref, beta, path[-1])) < 1e-12
+    original = sppo(P, ref, beta, 1.0, 2000, regularized=False)
+    last_gap, average_gap = np.max(P @ original[-1]) - 0.5, np.max(P @ original.mean(0)) - 0.5
+    assert last_gap > 0.1 and average_gap < 0.02, (last_gap, average_gap)
+    assert exploitability(P, ref, beta, original[-1]) > 0.1
+
+
+def test_online_ipo_is_stationary_at_pi_star_and_unstable_with_a_large_step():
+    """Small steps land on pi* (linear rate, slow where pi is small); the stability limitation of
+    self-play that the later Nash-MP paper names shows as divergence with a large step at beta = 1."""
+    rng = np.random.default_rng(17)
+    for K, beta in [(8, 0.1), (20, 0.1), (5, 1.0)]:
+        P, ref = random_game(rng, K)
+        optimum = regularized_nash(P, ref, beta)
+        path = online_ipo(P, ref, beta, 4.0, 3000)
+        assert kl(optimum, path[-1]) < 1e-4 and kl(optimum, path[-1]) < 1e-2 * kl(optimum, ref)
+        g = P @ optimum - beta * (np.log(optimum) - np.log(ref))
+        assert np.allclose(g - optimum @ g, 0, atol=1e-10)  # the update direction vanishes at pi*
+    assert exploitability(P, ref, 1.0, online_ipo(P, ref, 1.0, 20.0, 3000)[-1]) > 0.1
+
+
+def test_nash_prox_solves_its_inner_game_and_contracts_like_nash_mp():
+    """Each step is the equilibrium of the game with beta' = beta + 1/eta and the pi_k/ref mixture as
+    reference; the fixed point is pi*, and KL(pi*||pi_k) contracts about as fast as Nash-MP's."""
+    rng = np.random.default_rng(18)
+    P, ref = random_game(rng, 8)
+    beta, eta = 0.1, 2.0
+    path = nash_prox(P, ref, beta, eta, 30)
+    w = eta * beta / (1 + eta * beta)
+    mu = ref ** w * path[3] ** (1 - w)
+    mu /= mu.sum()
+    assert nash_residual(P, mu, beta + 1 / eta, path[4]) < 1e-10
+    optimum = regularized_nash(P, ref, beta)
+    assert kl(optimum, path[-1]) < 1e-4
+    prox_rate = kl(optimum, path[11]) / kl(optimum, path[10])
+    mp = nash_mirror_prox(P, ref, beta, eta, 11)
+    mp_rate = kl(optimum, mp[11]) / kl(optimum, mp[10])
+    assert abs(prox_rate - mp_rate) < 0.05 and prox_rate < 1 / (1 + beta), (prox_rate, mp_rate)
 
 
 def test_nash_md_needs_a_mixture():

@@ -32,7 +32,7 @@ VLLM = dict(generation_backend="vllm", vllm_kv_cache_gb=0.25)
 def bed(tmp_path_factory):
     bandit = SingleTokenBandit.random(num_prompts=3, num_actions=6, seed=1, ref_scale=0.5)
     folder = tmp_path_factory.mktemp("bed")
-    bandit.save(folder, hidden_size=256)  # 4 heads of 64
+    bandit.save(folder, hidden_size=256, closed=False)  # 4 heads of 64; a plain Llama: vLLM knows no custom class
     return bandit, folder
 
 

@@ -4,7 +4,7 @@
 - `best_of_n`: the exact best-of-N law, its KL, Beirami's bound and estimator, win rate, and
   the memoryless-sequence model of Yang et al. 2024.
 - `games`: the regularised preference game, its Nash equilibrium, exploitability, and the exact
-  Nash-MP / mirror-descent / Nash-MD iterations.
+  Nash-MP / mirror-descent / Nash-MD / online IPO / EGPO / SPPO / Nash Prox iterations.
 - `bandits`: KL-regularised UCB on a linear contextual bandit with exact regret.
 - `reproduce`: the tables and plots that check the papers' claims (`klalign theory`).
 
@@ -25,13 +25,17 @@ from klalign.theory.best_of_n import (
 from klalign.theory.games import (
     PREFERENCE_QUERIES_PER_STEP,
     best_response,
+    egpo,
     exploitability,
     mirror_descent,
     nash_md,
     nash_mirror_prox,
+    nash_prox,
     nash_residual,
+    online_ipo,
     random_intransitive_game,
     regularized_nash,
+    sppo,
 )
 from klalign.theory.tilt import (
     kl,
@@ -55,6 +59,7 @@ __all__ = [
     "best_of_n_kl_estimate_mean",
     "best_of_n_win_rate",
     "best_response",
+    "egpo",
     "exploitability",
     "hard_bandit_instance",
     "kl",
@@ -65,12 +70,15 @@ __all__ = [
     "mirror_descent",
     "nash_md",
     "nash_mirror_prox",
+    "nash_prox",
     "nash_residual",
+    "online_ipo",
     "random_intransitive_game",
     "regularized_nash",
     "regularized_objective",
     "rso_acceptance_rate",
     "simulate_kl_ucb",
+    "sppo",
     "sum_reward_distribution",
     "tilt",
     "tilt_for_kl_budget",

@@ -1,6 +1,8 @@
 """The beta-regularised preference game: its Nash equilibrium, exploitability, exact iterations.
 
-ALGORITHMS.md §3; Tiapkin et al. 2025 (Nash Mirror Prox), Munos et al. 2023 (Nash-MD).
+ALGORITHMS.md §3; Tiapkin et al. 2025 (Nash Mirror Prox; its later version "Proximal Point Nash
+Learning from Human Feedback": Nash Prox), Munos et al. 2023 (Nash-MD), Calandriello et al. 2024
+(online IPO), Zhou, Fazel, Du 2025 (EGPO), Wu et al. 2024 (SPPO).
 
 A preference matrix `P[i, j]` is the probability that action i beats action j, with
 `P + P.T = 1`. `P @ pi` is the vector `P(. > pi)`: each action's win rate against a policy.
@@ -24,7 +26,9 @@ from klalign.theory.tilt import kl, log_partition, safe_log, tilt
 
 # Opponent evaluations `P(. > opponent)` one iteration spends; in a sampled implementation each
 # is one batch of preference queries. Nash-MP's half step and full step each need one.
-PREFERENCE_QUERIES_PER_STEP = {"nash_mirror_prox": 2, "mirror_descent": 1, "nash_md": 1}
+# Nash Prox solves an inner game per step: its count depends on the inner solver, so it is not listed.
+PREFERENCE_QUERIES_PER_STEP = {"nash_mirror_prox": 2, "mirror_descent": 1, "nash_md": 1, "online_ipo": 1,
+                               "egpo": 2, "sppo": 1}
 
 NASH_TOLERANCE = 1e-13  # fixed-point residual regularized_nash solves to
 NASH_MAX_STEPS = 200_000  # enough for beta = 0.01: Nash-MP contracts by 1/(1+2 beta) per step
@@ -172,3 +176,92 @@ def random_intransitive_game(K: int, rng: np.random.Generator) -> np.ndarray:
     K = check_count("K", K, 1)
     upper = np.triu(rng.uniform(-0.5, 0.5, size=(K, K)), k=1)  # skew-symmetric part above the diagonal
     return 0.5 + upper - upper.T
+
+
+# ----------------------------------------------------------------------------- self-play methods
+
+
+def online_ipo(P, ref, beta, step, num_steps) -> np.ndarray:
+    """Online IPO in expectation on tabular softmax logits, shape (num_steps+1, K). 1 query per step.
+
+    Calandriello et al. 2024: the IPO loss (Azar et al. 2023, Eq. 17) on pairs y, y' of the current
+    policy, (h(y) - h(y') - (P(y > y') - 1/2)/beta)^2 with h = log pi - log ref. Its expected gradient
+    is -(4/beta) times the self-play policy gradient of P(pi > sg(pi)) - beta KL(pi||ref) (the
+    equivalence Tiapkin et al.'s later version states), so one step of size `step` on the loss
+    scaled by beta/4 is
+        theta <- theta + step * pi ⊙ (g - <pi, g>),   g = P(. > pi) - beta (log pi - log ref).
+    Stationary exactly at pi*; a step that is too large oscillates (small beta needs small steps).
+    """
+    P, ref, beta = _checked_game(P, ref, beta)
+    step, num_steps = check_positive("step", step), check_count("num_steps", num_steps, 0)
+    log_ref = safe_log(ref)
+
+    def update(log_pi):
+        pi = np.exp(log_pi)
+        g = P @ pi - beta * (log_pi - log_ref)
+        return _normalize_log(log_pi + step * pi * (g - pi @ g))
+
+    return _run_path(update, ref, num_steps)
+
+
+def egpo(P, ref, beta, step, num_steps) -> np.ndarray:
+    """Exact EGPO path (Zhou, Fazel, Du 2025), shape (num_steps+1, K). 2 queries per step.
+
+    The extragradient step on the online IPO objective with y, y' uniform (their tabular simulation):
+        log pi_half = (1 - step beta) log pi_k + step beta log ref + step P(. > pi_k)    + c
+        log pi_k+1  = (1 - step beta) log pi_k + step beta log ref + step P(. > pi_half) + c
+    i.e. Nash-MP with the KL linearised; it is exactly `nash_mirror_prox` with
+    eta = step / (1 - step beta). Needs step * beta < 1.
+    """
+    P, ref, beta = _checked_game(P, ref, beta)
+    step, num_steps = check_positive("step", step), check_count("num_steps", num_steps, 0)
+    if step * beta >= 1:
+        raise ValueError(f"step * beta must be < 1 for EGPO, got {step * beta:.3g}")
+    log_ref = safe_log(ref)
+
+    def linear(log_pi, opponent):
+        return _normalize_log((1 - step * beta) * log_pi + step * beta * log_ref + step * (P @ opponent))
+
+    return _run_path(lambda log_pi: linear(log_pi, np.exp(linear(log_pi, np.exp(log_pi)))), ref, num_steps)
+
+
+def sppo(P, ref, beta, step, num_steps, regularized: bool = True) -> np.ndarray:
+    """Exact SPPO path (Wu et al. 2024), shape (num_steps+1, K). 1 opponent evaluation per step.
+
+    SPPO regresses log pi_{k+1}(y) - log pi_k(y) on step (P(y > pi_k) - 1/2) (its Algorithm 1,
+    Eq. 4.7), the multiplicative-weights update log pi_{k+1} = log pi_k + step P(. > pi_k) + c
+    (`regularized=False`): it targets the unregularised game, and its last iterate cycles.
+    `regularized=True` anchors the regression at the geometric mixture of pi_k and ref (INPO,
+    Zhang et al. 2024; MPO, Wang et al. 2024):
+        log pi_{k+1} = (1 - step beta) log pi_k + step beta log ref + step P(. > pi_k) + c,
+    whose fixed point is pi*: it is exactly `mirror_descent` with eta = step / (1 - step beta).
+    """
+    P, ref, beta = _checked_game(P, ref, beta)
+    step, num_steps = check_positive("step", step), check_count("num_steps", num_steps, 0)
+    anchor = step * beta if regularized else 0.0
+    if anchor >= 1:
+        raise ValueError(f"step * beta must be < 1 for regularised SPPO, got {anchor:.3g}")
+    log_ref = safe_log(ref)
+    return _run_path(lambda log_pi: _normalize_log((1 - anchor) * log_pi + anchor * log_ref
+                                                   + step * (P @ np.exp(log_pi))), ref, num_steps)
+
+
+def nash_prox(P, ref, beta, eta, num_steps) -> np.ndarray:
+    """Exact proximal-point path ("Nash Prox", Tiapkin et al., the later version of the Nash-MP
+    paper), shape (num_steps+1, K); each step solves an inner game exactly.
+
+    pi_{k+1} is the equilibrium of the game regularised by beta KL(.||ref) + (1/eta) KL(.||pi_k):
+    the two KLs merge into beta' KL(.||mu_k) with beta' = beta + 1/eta and
+    mu_k ∝ ref^w pi_k^(1-w), w = eta beta / (1 + eta beta), so pi_{k+1} = regularized_nash(P, mu_k,
+    beta'). Its fixed point is pi* (w beta' = beta). The form is inferred from the abstract: the
+    paper's own text was not available (docs, "Nash learning from human feedback").
+    """
+    P, ref, beta, eta, num_steps = _checked_path_args(P, ref, beta, eta, num_steps)
+    log_ref = safe_log(ref)
+    w = eta * beta / (1 + eta * beta)
+
+    def step(log_pi):
+        mu = np.exp(_normalize_log(w * log_ref + (1 - w) * log_pi))
+        return safe_log(regularized_nash(P, mu, beta + 1 / eta))
+
+    return _run_path(step, ref, num_steps)

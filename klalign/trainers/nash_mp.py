@@ -1,31 +1,20 @@
-"""Nash Mirror Prox and its baselines on the online loop (Tiapkin et al. 2025; ALGORITHMS.md section 3).
+"""Nash learning from human feedback on the online loop: Nash-MP, its baselines, and the self-play family.
 
 The regularised preference game `P_beta(pi > pi') = P(pi > pi') - beta KL(pi||pi_ref) + beta KL(pi'||pi_ref)`
-has a unique symmetric equilibrium pi*. One round of the online loop is one iteration k. Each prox
-step approximately solves, by M stochastic policy-gradient steps from theta_k,
+has a unique symmetric equilibrium pi* (ALGORITHMS.md section 3). One round of the online loop is one
+iteration k. `method` selects the iteration: nash_mp (Nash Mirror Prox, Tiapkin et al. 2025), its
+baselines mirror_descent and nash_md (Munos et al. 2023), and the self-play family online_ipo
+(Calandriello et al. 2024), egpo (Zhou et al. 2025), sppo (Wu et al. 2024) and nash_prox (the later
+version of Tiapkin et al.). What each samples, which loss it takes, and its paper: the table
+`klalign.trainers.nash_methods.METHODS`; each loss: `klalign.nash_losses`; each exact tabular
+iteration: `klalign.theory.games`.
 
-    L(theta) = -E_{y ~ pi_theta, y' ~ opponent}[P(y > y')] + beta KL(pi_theta||pi_ref) + c KL(pi_theta||pi_k)
-
-(the approximate Nash-MP of Tiapkin et al. 2025: prox steps estimated by stochastic policy
-gradient), whose exact solution is the prox step of ALGORITHMS.md section 3. `method` selects the iteration:
-
-- nash_mp:        half step, opponent pi_k, gives pi_{k+1/2}; full step, again from theta_k, with
-                  opponent pi_{k+1/2}, gives pi_{k+1}. c = 1/eta. Two prox steps per iteration.
-- mirror_descent: the full step alone, opponent pi_k. c = 1/eta.
-- nash_md:        Munos et al. 2023: one step anchored at the geometric mixture
-                  mu_k ∝ pi_k^(1-eta beta) pi_ref^(eta beta), which is also the opponent. Since
-                  KL(pi||mu_k) = (1 - eta beta) KL(pi||pi_k) + eta beta KL(pi||pi_ref) + const, this is L
-                  with opponent mu_k (sampled token by token, `klalign.geometric_mixture`) and
-                  c = 1/eta - beta; it is exact on a single token.
-
-Gradient estimator (one optimizer step per inner step, on fresh samples from pi_theta):
-- preference: REINFORCE with the baseline 1/2, `-(P(y > y') - 1/2) * grad log pi_theta(y)`, where
-  P(y > y') is the oracle's probability (or a 0/1 label drawn from it, `sample_labels`);
-- each KL(pi_theta||q): per-token log-ratios l_t = log pi_theta(y_t|.) - log q(y_t|.) and the
-  score function with their reward-to-go, `sum_t grad log pi_theta(y_t|.) * sum_{t'>=t} l_t'`:
-  unbiased for the sequence-level KL gradient (the E[grad l_t] term is zero), and exactly the k2
-  gradient on one token.
-Sampling must be on-policy: temperature 1 and top_p 1 are required.
+Gradient estimators (one optimizer step per inner step). Policy-gradient methods: REINFORCE with the
+baseline 1/2 on fresh samples of pi_theta, and each KL by the score function with per-token
+reward-to-go (`klalign.nash_losses.prox_policy_gradient_loss`). The IPO-type and SPPO losses are
+differentiated directly. Every loss is scaled so that the same learning rate is the same step for
+every method (`klalign.nash_losses`). P(y > y') is the oracle's probability, or a 0/1 label drawn
+from it (`sample_labels`). Sampling must be on-policy: temperature 1 and top_p 1 are required.
 
 Snapshots. theta_k (the anchor and the half step's opponent) and theta_{k+1/2} are copies of the
 trainable parameters held in memory: with LoRA the adapter only (the base weights are shared, and
@@ -39,12 +28,14 @@ restarts from them exactly, so updates below half a bf16 ulp survive the reset. 
 to disk: a resumed round restarts from its checkpoint (theta_k) and replays every inner step from
 the stored samples.
 
-Optimizer. Each prox step is a new problem started from theta_k: the optimizer's state (Adam's
-moments and step count) is cleared at the start of every prox step, for every method, so the full
-step does not inherit moments of the half step's objective. `anneal_prox_steps`
-decays the step size within every prox step (a constant one leaves the prox solution a noise floor).
+Optimizer. A prox step is a new problem started from theta_k: for nash_mp, mirror_descent, nash_md,
+sppo and nash_prox the optimizer's state (Adam's moments and step count) is cleared at the start of
+every prox step, so the full step does not inherit moments of the half step's objective. EGPO
+restores the state saved at theta_k for its full step; online IPO keeps its state (a single loop).
+`anneal_prox_steps` decays the step size within every prox step (a constant one leaves the prox
+solution a noise floor).
 
-Rows. Every inner step's pairs are a collection chunk of the round (`OnlineTrainer.collected`):
+Rows. Every inner step's samples are a collection chunk of the round (`OnlineTrainer.collected`):
 stored as they are queried, reused on resume. The first inner step's samples, drawn while the
 policy is still pi_k, are the round's `collect`. After the iteration, fresh samples of pi_{k+1}
 are compared with pi_ref and pi_k (win rates; their queries are counted apart from training's).
@@ -64,27 +55,42 @@ from klalign.generation import Completion, gathered_for_generation, stop_token_i
 from klalign.importance import mismatch_metrics, sample_statistics, truncated_weights
 from klalign.geometric_mixture import sample_geometric_mixture
 from klalign.logprobs import kl_k3, token_logprobs
+from klalign.nash_losses import prox_policy_gradient_loss, self_play_ipo_loss, sppo_loss
 from klalign.online import OnlineConfig, OnlineTrainer
-from klalign.seeding import derived_seed
 from klalign.oracles import PreferenceOracle
-from klalign.snapshots import master_weights, reset, swapped, take_snapshot
+from klalign.seeding import derived_seed
+from klalign.snapshots import (
+    clear_optimizer_state,
+    inner_optimizer,
+    master_weights,
+    optimizer_state,
+    reset,
+    restore_optimizer_state,
+    swapped,
+    take_snapshot,
+)
+from klalign.trainers.nash_methods import LOSS_FUNCTIONS, LOSS_METRIC, METHODS, NashMethod
 
 logger = logging.get_logger(__name__)
-
-METHODS = ("nash_mp", "mirror_descent", "nash_md")
 
 
 @dataclass
 class NashMPConfig(OnlineConfig):
-    """Nash-MP / mirror descent / Nash-MD settings (plus OnlineConfig and TrainingArguments)."""
+    """Settings of Nash-MP and the other NLHF methods of `NashMPTrainer` (plus OnlineConfig and TrainingArguments)."""
 
     method: str = field(default="nash_mp", metadata={"help": f"The iteration, one of {list(METHODS)}."})
     eta: float = field(
-        default=2.0, metadata={"help": "Prox step size eta (Tiapkin et al.: eta = 2); Nash-MD needs eta * beta <= 1."}
+        default=2.0,
+        metadata={"help": "Prox step size eta (Tiapkin et al.: eta = 2) of nash_mp, mirror_descent, nash_md, sppo "
+                          "and nash_prox; Nash-MD needs eta * beta <= 1. online_ipo and egpo step by the learning rate."},
     )
-    inner_steps: int = field(default=4, metadata={"help": "M: policy-gradient steps that solve each prox step."})
+    inner_steps: int = field(
+        default=4, metadata={"help": "M: optimizer steps per prox step (egpo: 1 is the paper's extragradient step)."}
+    )
     samples_per_prompt: int = field(
-        default=2, metadata={"help": "Pairs (y ~ pi_theta, y' ~ opponent) per prompt in every inner step."}
+        default=2,
+        metadata={"help": "Pairs per prompt in every inner step; sppo: K samples of pi_k per prompt (>= 2), all "
+                          "K(K-1)/2 pairs queried."},
     )
     sample_labels: bool = field(
         default=False, metadata={"help": "Train on 0/1 labels drawn from P(y > y') instead of the probability."}
@@ -110,33 +116,40 @@ class NashMPConfig(OnlineConfig):
         for name in ("inner_steps", "samples_per_prompt", "win_rate_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.method == "sppo" and self.samples_per_prompt < 2:
+            raise ValueError(f"sppo compares samples of pi_k with each other: samples_per_prompt must be >= 2, "
+                             f"got {self.samples_per_prompt}")
         if self.win_rate_prompts < 0:
             raise ValueError(f"win_rate_prompts must be >= 0, got {self.win_rate_prompts}")
         super().__post_init__()
 
-    on_policy = True  # REINFORCE needs samples of pi_theta itself
+    on_policy = True  # the estimators need samples of pi_theta (or pi_k) itself
 
     def equal_work_counts(self) -> dict[str, int]:
         return {**super().equal_work_counts(), "win_rate_prompts": self.win_rate_prompts}
 
     @property
+    def nash_method(self) -> NashMethod:
+        return METHODS[self.method]
+
+    @property
     def prox_steps(self) -> tuple[str, ...]:
         """Names of the prox steps of one iteration."""
-        return ("half", "full") if self.method == "nash_mp" else ("full",)
+        return self.nash_method.phases
 
     @property
     def anchor_coef(self) -> float:
-        """c, the weight of KL(pi_theta||pi_k) in the prox loss (see the module docstring)."""
+        """c, the weight of KL(pi_theta||pi_k) in the policy-gradient prox loss (module docstring)."""
         return 1 / self.eta - (self.beta if self.method == "nash_md" else 0.0)
 
-
-def _reward_to_go(x: torch.Tensor) -> torch.Tensor:
-    """sum_{t' >= t} x[:, t']. (B, T) -> (B, T)"""
-    return x.flip(1).cumsum(1).flip(1)
+    @property
+    def ref_weight(self) -> float:
+        """w = eta beta / (1 + eta beta): pi_ref's share of the merged anchor ref^w pi_k^(1-w) (sppo, nash_prox)."""
+        return self.eta * self.beta / (1 + self.eta * self.beta)
 
 
 class NashMPTrainer(OnlineTrainer):
-    """Approximate Nash Mirror Prox (and mirror descent, Nash-MD) with a pairwise preference oracle.
+    """Nash-MP, mirror descent, Nash-MD, online IPO, EGPO, SPPO and Nash Prox with a pairwise preference oracle.
 
     Arguments as `OnlineTrainer`, plus `eval_dataset`: prompts for the win rates (default: the
     training prompts).
@@ -150,6 +163,7 @@ class NashMPTrainer(OnlineTrainer):
             raise TypeError(f"args must be a NashMPConfig, got {type(args).__name__}")
         super().__init__(model, ref_model, args, train_dataset, processing_class, oracle, peft_config, callbacks)
         self.win_rate_pool = self.prompts if eval_dataset is None else list(eval_dataset["prompt"])
+        self.method = args.nash_method
         self._mismatch: list[dict] = []  # the round's sampler/learner mismatch, per sample (klalign.importance)
         if args.generation_backend == "vllm" and args.method == "nash_md":
             logger.warning("nash_md: the opponent is a token-level geometric mixture of the policy and pi_ref, which vLLM "
@@ -179,33 +193,47 @@ class NashMPTrainer(OnlineTrainer):
         """The unwrapped policy (the Trainer keeps it as `model` beside `model_wrapped`)."""
         return self.model
 
-    # ---- collect: the first inner step's pairs (the policy is still pi_k) ----
+    # ---- collect: the first inner step's samples (the policy is still pi_k) ----
 
     def collect(self, round_index: int, prompts: list) -> list[dict]:
+        if self.method.pairs == "groups":
+            return self._sample_groups(prompts)
         return self._sample_pairs(prompts, step=0, opponent=None)
 
     def _sample_pairs(self, prompts: list, step: int, opponent: dict | None, opponent_key=None) -> list[dict]:
-        """y ~ pi_theta and y' ~ the opponent, `samples_per_prompt` pairs per prompt, and P(y > y').
+        """`samples_per_prompt` pairs (y, y') per prompt, as the method draws them, and P(y > y').
 
         `opponent_key` names the opponent's weights for a vLLM engine (None: the current policy)."""
-        n = self.args.samples_per_prompt
-        ours = [c for per_prompt in self.generate(prompts, n) for c in per_prompt]
-        with swapped(self._policy, opponent):  # opponent None: pi_k is the current policy (step 0)
-            theirs = [c for per_prompt in self._opponent_samples(prompts, n, opponent_key) for c in per_prompt]
-        pair_prompts = [c.prompt for c in ours]
-        probs = self.oracle.preference(pair_prompts, [c.text for c in ours], [c.text for c in theirs])  # (N,)
-        labels = torch.bernoulli(probs) if self.args.sample_labels else probs
+        n, kind = self.args.samples_per_prompt, self.method.pairs
+        if kind == "policy_vs_opponent":
+            ours = [c for per_prompt in self.generate(prompts, n) for c in per_prompt]
+            with swapped(self._policy, opponent):  # opponent None: pi_k is the current policy (step 0)
+                theirs = [c for per_prompt in self._opponent_samples(prompts, n, opponent_key) for c in per_prompt]
+        else:  # both from the opponent (egpo), or both from the current policy (self-play)
+            from_opponent = kind == "opponent_pair"
+            with swapped(self._policy, opponent if from_opponent else None):
+                both = self.generate(prompts, 2 * n, weights=opponent_key if from_opponent else None)
+            ours = [c for per_prompt in both for c in per_prompt[:n]]
+            theirs = [c for per_prompt in both for c in per_prompt[n:]]
+        probs = self.oracle.preference([c.prompt for c in ours], [c.text for c in ours], [c.text for c in theirs])
+        labels = torch.bernoulli(probs) if self.args.sample_labels else probs  # (N,)
         phase, inner = divmod(step, self.args.inner_steps)
         name = self.args.prox_steps[phase]
-        opponent_name = {"nash_md": "mixture(pi_k, pi_ref)", "mirror_descent": "pi_k"}.get(
-            self.args.method, "pi_k" if name == "half" else "pi_k+1/2")
         return [
             {"prompt": stored_prompt(y.prompt), "prompt_ids": y.prompt_ids, "completion_ids": y.completion_ids,
-             "completion": y.text, "opponent": o.text, "preference_prob": p, "label": label,
-             "prox_step": name, "inner_step": inner, "opponent_policy": opponent_name, "oracle_queries": 1,
-             "sampler_logprobs": y.sampler_logprobs}
+             "completion": y.text, "opponent_ids": o.completion_ids, "opponent": o.text, "preference_prob": p,
+             "label": label, "prox_step": name, "inner_step": inner, "opponent_policy": self._opponent_name(name),
+             "oracle_queries": 1, "sampler_logprobs": y.sampler_logprobs}
             for y, o, p, label in zip(ours, theirs, probs.tolist(), labels.tolist())
         ]
+
+    def _opponent_name(self, phase: str) -> str:
+        """Which policy the second sample of a pair (both, for egpo) comes from."""
+        if self.args.method == "nash_md":
+            return "mixture(pi_k, pi_ref)"
+        if self.method.pairs == "self_play":
+            return "pi_theta"
+        return "pi_k+1/2" if phase == "full" and len(self.args.prox_steps) == 2 else "pi_k"
 
     def _opponent_samples(self, prompts: list, n: int, key=None):
         """Samples of the policy now in the model, or of its geometric mixture with pi_ref (Nash-MD: with HF
@@ -224,23 +252,53 @@ class NashMPTrainer(OnlineTrainer):
             unwrapped.train(was_training)
         return samples
 
+    def _sample_groups(self, prompts: list) -> list[dict]:
+        """SPPO: K samples of pi_k per prompt, every pair compared, leave-one-out win rates, s_k cached."""
+        K = self.args.samples_per_prompt
+        groups = self.generate(prompts, K)
+        pairs = [(i, j) for i in range(K) for j in range(i + 1, K)]
+        flat = [(g, i, j) for g in groups for i, j in pairs]
+        probs = self.oracle.preference([g[i].prompt for g, i, _ in flat], [g[i].text for g, i, _ in flat],
+                                       [g[j].text for g, _, j in flat])
+        labels = (torch.bernoulli(probs) if self.args.sample_labels else probs).view(len(groups), len(pairs))
+        wins = torch.full((len(groups), K, K), 0.0, dtype=torch.float64)  # (G, K, K) P(y_i > y_j)
+        for p, (i, j) in enumerate(pairs):
+            wins[:, i, j], wins[:, j, i] = labels[:, p], 1 - labels[:, p]
+        win_rates = wins.sum(-1) / (K - 1)  # (G, K): leave-one-out estimate of P(y_i > pi_k), unbiased
+        batch = self.batch([c.prompt_ids for g in groups for c in g], [c.completion_ids for g in groups for c in g])
+        anchor_logps = self.frozen_policy_logprobs(batch).double().cpu().view(len(groups), K)  # s_k(y), (G, K)
+        return [
+            {"prompt": stored_prompt(g[0].prompt), "prompt_ids": g[0].prompt_ids,
+             "completion_ids": [c.completion_ids for c in g], "completions": [c.text for c in g],
+             "pairs": [list(pair) for pair in pairs], "preference_probs": pr, "labels": lab, "win_rates": wr,
+             "anchor_logprobs": s_k, "prox_step": "full", "inner_step": 0, "opponent_policy": "pi_k",
+             "oracle_queries": len(pairs)}
+            for g, pr, lab, wr, s_k in zip(groups, probs.view(len(groups), -1).tolist(), labels.tolist(),
+                                            win_rates.tolist(), anchor_logps.tolist())
+        ]
+
     # ---- update: the prox steps ----
 
     def update(self, round_index: int, rows: list[dict]) -> dict[str, float]:
         engine = self.model_wrapped if self.is_deepspeed_enabled else None
         anchor = take_snapshot(self._policy)  # theta_k as the model computes with it: pi_k, swapped in
         start = take_snapshot(self._policy, engine) if master_weights(engine) else anchor  # fp32 masters
+        saved = self._optimizer_state() if self.method.optimizer_state == "restore" else None
         metrics: dict[str, float] = {}
         opponent, queries = anchor, 0
         for phase, name in enumerate(self.args.prox_steps):
-            if phase > 0:  # Nash-MP's full step: opponent pi_{k+1/2}, restart from theta_k
+            if phase > 0:  # the full step of a two-phase method: opponent pi_{k+1/2}, restart from theta_k
                 opponent = take_snapshot(self._policy)
                 reset(self._policy, start, engine)
                 self.weights_changed()
+                if saved is not None:
+                    self._restore_optimizer_state(saved)
+            if self.method.optimizer_state == "fresh":
+                self._fresh_optimizer_state()
             stats, used = self._prox_step(round_index, phase, rows if phase == 0 else None, anchor, opponent)
             metrics.update({f"{name}/{k}": v for k, v in stats.items()})
             queries += used
-        metrics["loss"] = metrics["full/prox_loss"]
+        metrics["loss"] = metrics[f"full/{LOSS_METRIC[self.method.loss]}"]
         metrics.update(mismatch_metrics(self._mismatch))
         self._mismatch = []
         metrics.update(self._query_counts("preference_queries", queries))
@@ -248,19 +306,22 @@ class NashMPTrainer(OnlineTrainer):
         return metrics
 
     def _prox_step(self, round_index: int, phase: int, first_rows, anchor: dict, opponent: dict):
-        """M policy-gradient steps on L(theta) from the current parameters (theta_k).
-
-        Returns the statistics averaged over the steps and the preference queries the steps used."""
-        self._fresh_optimizer_state()
+        """M optimizer steps on the method's loss from the current parameters (theta_k, or theta_t for
+        online IPO). Returns the statistics averaged over the steps and the preference queries used."""
         rank, world = self.args.process_index, self.args.world_size
         prompts = self.round_prompts(round_index)  # the prox problem's prompts, the round's collection
         totals: dict[str, float] = {}
         queries = 0
         for inner in range(self.args.inner_steps):
             step = phase * self.args.inner_steps + inner
-            rows = first_rows if step == 0 else self._step_rows(round_index, step, prompts, opponent)
-            queries += sum(r["oracle_queries"] for r in rows)  # rows of every process
-            loss, stats = self._policy_gradient_loss(rows[rank::world], None if inner == 0 else anchor)
+            if self.method.pairs == "groups":  # a regression on pi_k's samples: every step reuses them
+                rows = first_rows
+            else:
+                rows = first_rows if step == 0 else self._step_rows(round_index, step, prompts, opponent)
+            if step == 0 or self.method.pairs != "groups":
+                queries += sum(r["oracle_queries"] for r in rows)  # rows of every process
+            loss_fn = getattr(self, LOSS_FUNCTIONS[self.method.loss])
+            loss, stats = loss_fn(rows[rank::world], None if inner == 0 else anchor)
             self.optimizer_step(loss)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / self.args.inner_steps
@@ -277,48 +338,86 @@ class NashMPTrainer(OnlineTrainer):
             rows += self.collected(round_index, chunk_index, lambda: self._sample_pairs(chunk, step, opponent, key))
         return rows
 
-    def _policy_gradient_loss(self, rows: list[dict], anchor: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
-        """The surrogate whose gradient estimates grad L(theta) (module docstring), and L's estimate.
+    # ---- the losses (klalign.nash_losses) on a batch of rows ----
 
-        `anchor` None: theta is theta_k itself (an inner step 0), so the log-ratios to pi_k are zero."""
+    def _anchor_logprobs(self, batch: dict, anchor: dict | None) -> torch.Tensor | None:
+        """Per-token log pi_k, read with theta_k swapped in (B, T-1); None when theta is theta_k (anchor None):
+        the caller uses its own log-probs. Called before the forward pass with gradients, which the swap
+        would invalidate."""
+        if anchor is None:
+            return None
+        with torch.no_grad(), swapped(self._policy, anchor):
+            return token_logprobs(self.model_wrapped, **batch)
+
+    def _mean_over_processes(self, values: list[torch.Tensor]) -> list[float]:
+        return self.accelerator.reduce(torch.stack(values), "mean").tolist()
+
+    def _policy_gradient_loss(self, rows: list[dict], anchor: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """nash_mp, mirror_descent, nash_md: the prox loss L's surrogate and L's estimate (k1 KLs)."""
         batch = self.batch([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
         mask = batch["completion_mask"][:, 1:].float()  # (B, T-1): token t+1 is scored at t
         ref_logps = self.reference.token_logprobs(self.model_wrapped, batch)  # (B, T-1)
-        anchor_logps = None
-        if anchor is not None:
-            with torch.no_grad(), swapped(self._policy, anchor):
-                anchor_logps = token_logprobs(self.model_wrapped, **batch)  # (B, T-1) under pi_k
+        anchor_logps = self._anchor_logprobs(batch, anchor)
         logps = token_logprobs(self.model_wrapped, **batch)  # (B, T-1), with gradients
-        if anchor_logps is None:
-            anchor_logps = logps.detach()
-        kl_ref = (logps.detach() - ref_logps) * mask  # (B, T-1) per-token log-ratios
-        kl_anchor = (logps.detach() - anchor_logps) * mask
+        anchor_logps = logps.detach() if anchor_logps is None else anchor_logps
         win = torch.tensor([r["label"] for r in rows], dtype=logps.dtype, device=logps.device)  # (B,)
-        advantage = ((win - 0.5)[:, None] - self.args.beta * _reward_to_go(kl_ref)
-                     - self.args.anchor_coef * _reward_to_go(kl_anchor))  # (B, T-1)
         weights = self._importance_weights(rows, logps.detach(), batch)  # (B,): 1 without correction
-        surrogate = -(weights[:, None] * advantage * logps * mask).sum(1).mean()
-        # Means over every process's rows (k1 estimates of the KLs): L's estimate and its parts.
-        parts = torch.stack([win.mean(), kl_ref.sum(1).mean(), kl_anchor.sum(1).mean()])  # (3,)
-        win_rate, kl_ref_seq, kl_anchor_seq = self.accelerator.reduce(parts, "mean").tolist()
-        stats = {
-            "prox_loss": -win_rate + self.args.beta * kl_ref_seq + self.args.anchor_coef * kl_anchor_seq,
-            "win_rate_vs_opponent": win_rate,
-            "kl_ref": kl_ref_seq,
-            "kl_anchor": kl_anchor_seq,
-        }
-        return surrogate, stats
+        surrogate, parts = prox_policy_gradient_loss(logps, ref_logps, anchor_logps, mask, win, self.args.beta,
+                                                     self.args.anchor_coef, weights)
+        win_rate, kl_ref, kl_anchor = self._mean_over_processes(list(parts.mean(0)))
+        return surrogate, {"prox_loss": -win_rate + self.args.beta * kl_ref + self.args.anchor_coef * kl_anchor,
+                           "win_rate_vs_opponent": win_rate, "kl_ref": kl_ref, "kl_anchor": kl_anchor}
 
+    def _ipo_loss(self, rows: list[dict], anchor: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """online_ipo, egpo (base pi_ref, tau = beta) and nash_prox (base ref^w pi_k^(1-w), tau = beta + 1/eta)."""
+        B = len(rows)
+        batch = self.batch([r["prompt_ids"] for r in rows] * 2,
+                           [r["completion_ids"] for r in rows] + [r["opponent_ids"] for r in rows])  # y then y'
+        pi_k = self._anchor_logprobs(batch, anchor) if self.args.method == "nash_prox" else None
+        logps = token_logprobs(self.model_wrapped, **batch).sum(1).view(2, B).T  # (B, 2), with gradients
+        ref = self.reference.token_logprobs(self.model_wrapped, batch).sum(1).view(2, B).T  # (B, 2)
+        base, tau, stats = ref, self.args.beta, {}
+        if self.args.method == "nash_prox":
+            pi_k = logps.detach() if pi_k is None else pi_k.sum(1).view(2, B).T  # (B, 2)
+            w = self.args.ref_weight
+            base, tau = w * ref + (1 - w) * pi_k, self.args.beta + 1 / self.args.eta
+            stats["logratio_anchor"] = (logps.detach() - pi_k).mean()
+        label = torch.tensor([r["label"] for r in rows], dtype=logps.dtype, device=logps.device)  # (B,)
+        per_pair = self_play_ipo_loss(logps, base, label, tau)  # (B,)
+        stats = {"ipo_loss": per_pair.detach().mean(), "win_rate_vs_opponent": label.mean(),
+                 "logratio_ref": (logps.detach() - ref).mean(), **stats}
+        return per_pair.mean(), dict(zip(stats, self._mean_over_processes(list(stats.values()))))
+
+    def _sppo_loss(self, groups: list[dict], anchor: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """sppo: regression of s_theta(y) on the regularised prox target, over every sample of every group."""
+        K, beta, eta = self.args.samples_per_prompt, self.args.beta, self.args.eta
+        batch = self.batch([g["prompt_ids"] for g in groups for _ in range(K)],
+                           [c for g in groups for c in g["completion_ids"]])
+        logps = self.policy_logprobs(batch)  # (G*K,) with gradients
+        ref = self.reference_logprobs(batch)  # (G*K,)
+        as_tensor = lambda key: torch.tensor([x for g in groups for x in g[key]], dtype=logps.dtype,
+                                             device=logps.device)
+        pi_k, win_rates = as_tensor("anchor_logprobs"), as_tensor("win_rates")  # (G*K,) each
+        step = eta / (1 + eta * beta)  # SPPO's eta_s; w = eta_s beta
+        target = (1 - step * beta) * pi_k + step * beta * ref + step * (win_rates - 0.5)  # (G*K,)
+        per_sample = sppo_loss(logps, target, beta + 1 / eta)
+        stats = {"sppo_loss": per_sample.detach().mean(), "kl_ref": (logps.detach() - ref).mean(),
+                 "kl_anchor": (logps.detach() - pi_k).mean()}
+        return per_sample.mean(), dict(zip(stats, self._mean_over_processes(list(stats.values()))))
+
+    # ---- optimizer state (klalign.snapshots) ----
+
+    def _inner_optimizer(self):
+        return inner_optimizer(self.optimizer)
 
     def _fresh_optimizer_state(self) -> None:
-        """Clear the moments and step counts, under accelerate's and DeepSpeed's wrappers."""
-        optimizer = self.optimizer
-        while hasattr(optimizer, "optimizer"):
-            optimizer = optimizer.optimizer
-        optimizer.state.clear()  # torch optimizers (and DeepSpeed's) rebuild the state on their next step
-        for group in optimizer.param_groups:
-            if "step" in group:  # fused Adams count steps per group
-                group["step"] = 0
+        clear_optimizer_state(self.optimizer)
+
+    def _optimizer_state(self):
+        return optimizer_state(self.optimizer)
+
+    def _restore_optimizer_state(self, saved) -> None:
+        restore_optimizer_state(self.optimizer, saved)
 
     def _importance_weights(self, rows: list[dict], logps: torch.Tensor, batch: dict) -> torch.Tensor:
         """Truncated importance weights of the rows' samples toward pi_theta (klalign.importance), and the

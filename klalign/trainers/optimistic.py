@@ -56,7 +56,7 @@ from klalign.importance import mismatch_metrics, sample_statistics, truncated_we
 from klalign.logprobs import kl_k3
 from klalign.online import OnlineConfig, OnlineTrainer
 from klalign.seeding import derived_seed
-from klalign.oracles import PreferenceOracle, RewardOracle
+from klalign.oracles import BradleyTerryPreference, PreferenceOracle, RewardOracle
 from klalign.reward_learning import FEATURE_MAPS, REWARD_LEARNERS, FeatureMap, RewardLearner, build_reward_learner
 
 KL_PENALTIES = ("k1_in_reward", "k3_in_loss")
@@ -76,6 +76,12 @@ class OptimisticKLConfig(OnlineConfig):
     gamma: float = field(default=1.0, metadata={"help": "Bonus scale; 0 gives the greedy learner."})
     ridge: float = field(default=1.0, metadata={"help": "lam of Sigma = lam I + sum phi phi^T (and the L2 penalty)."})
     r_max: float | None = field(default=1.0, metadata={"help": "Clip r_hat + bonus at r_max (null: no clip)."})
+    preference_temperature: float | None = field(
+        default=None,
+        metadata={"help": "T of the link P(a > b) = sigmoid((r_a - r_b) / T) the preference learner fits, so that "
+                          "r_hat is in reward units, those of r_max and beta; default: the oracle's own temperature "
+                          "when it is a BradleyTerryPreference, else 1."},
+    )
     ensemble_size: int = field(default=8, metadata={"help": "Heads of the 'ensemble' reward learner."})
     prior_scale: float = field(default=1.0, metadata={"help": "Ensemble prior std, in units of 1/sqrt(ridge)."})
     kl_penalty: str = field(default="k1_in_reward", metadata={"help": f"Where the KL enters: {list(KL_PENALTIES)}."})
@@ -97,6 +103,8 @@ class OptimisticKLConfig(OnlineConfig):
         if self.gamma < 0 or self.ridge <= 0 or self.clip_range <= 0:
             raise ValueError(f"need gamma >= 0, ridge > 0, clip_range > 0; "
                              f"got {self.gamma}, {self.ridge}, {self.clip_range}")
+        if self.preference_temperature is not None and self.preference_temperature <= 0:
+            raise ValueError(f"preference_temperature must be > 0, got {self.preference_temperature}")
         if self.ensemble_size < 2 or self.epochs_per_round < 1:
             raise ValueError(f"need ensemble_size >= 2, epochs_per_round >= 1; got {self.ensemble_size}, "
                              f"{self.epochs_per_round}")
@@ -244,7 +252,15 @@ class OptimisticKLTrainer(OnlineTrainer):
         weights = torch.cat([f.weights for f in rounds]) if args.reward_learner == "ensemble" else None
         if rounds[0].rewards is not None:
             return learner.fit(*data, weights=weights)
-        return learner.fit_preferences(*data, weights=weights)
+        return learner.fit_preferences(*data, weights=weights, temperature=self.preference_temperature)
+
+    @property
+    def preference_temperature(self) -> float:
+        """The BT link's T (config, else the oracle's): with T = 0.1 an unscaled fit would estimate 10 r, and
+        clipping that at r_max = 1 would flatten every reward above 0.1, so r_tilde could never lead to pi*."""
+        if self.args.preference_temperature is not None:
+            return self.args.preference_temperature
+        return getattr(self.oracle, "temperature", 1.0) if isinstance(self.oracle, BradleyTerryPreference) else 1.0
 
     # ---- update: RLOO toward the Gibbs policy of r_tilde ----
 
