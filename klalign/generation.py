@@ -207,6 +207,7 @@ def sample_completions(
     with gathered_for_generation(model, accelerator) as unwrapped:
         stop_ids = stop_token_ids(unwrapped, tokenizer)
         config = sampling_config(args, stop_ids, pad_id)
+        config.output_scores = config.return_dict_in_generate = sampler_logprobs  # in the config: no kwargs beside it
         was_training = unwrapped.training
         unwrapped.eval()
         device = next(unwrapped.parameters()).device
@@ -215,8 +216,7 @@ def sample_completions(
             for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
                 chunk = flat[start : start + args.generation_batch_size]
                 enc = _left_padded([i for _, i in chunk], pad_id, device)
-                out = unwrapped.generate(**enc, generation_config=config, output_scores=sampler_logprobs,
-                                         return_dict_in_generate=sampler_logprobs)
+                out = unwrapped.generate(**enc, generation_config=config)
                 sequences = out.sequences if sampler_logprobs else out  # (b, prompt_len + new), left-padded
                 new = sequences[:, enc["input_ids"].size(1) :]  # (b, new)
                 step_logps = _sampled_logprobs(out.scores, new).tolist() if sampler_logprobs else None

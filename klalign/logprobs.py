@@ -49,8 +49,20 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _base_model(model):
+    """The transformers model under DDP / DeepSpeed and PEFT wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "config"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _plain_head(model) -> bool:
-    """The lean path computes `head(hidden)`: true for heads without soft-capping or scaling of the logits."""
+    """The lean path computes `head(hidden)`: true for transformers' own forward (a subclass that rewrites the
+    logits, such as the test bed's `ClosedActionLlamaForCausalLM`, is not) and heads without soft-capping or
+    scaling of the logits."""
+    forward = type(_base_model(model)).forward
+    if not forward.__module__.startswith("transformers."):
+        return False
     config = _text_config(model)
     return not any(getattr(config, name, None) for name in
                    ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))

@@ -74,3 +74,25 @@ def test_lean_logprobs_and_gradients_equal_the_full_logits_path(tiny_tokenizer):
         torch.testing.assert_close(lean_values, values.detach(), atol=1e-5, rtol=0)
         for name in grads[1]:
             torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
+
+
+def test_lean_logprobs_follow_a_model_that_rewrites_its_logits():
+    """The test bed's closed model rewrites the head's logits in its forward; the lean path (which applies the
+    head itself) must not bypass that. After a step that moves mass off the actions in the plain head, the
+    closed model's log-probs of [action, EOS] still sum to 1 over the actions, on either path."""
+    from klalign.logprobs import completion_batch
+    from klalign.testbed import SingleTokenBandit, read_policy
+
+    bandit = SingleTokenBandit.random(num_prompts=2, num_actions=4, seed=0)
+    model = bandit.build_model(closed=True)
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))  # the plain head now leaks mass
+    tok = bandit.tokenizer
+    prompts = [tok(p, add_special_tokens=True)["input_ids"] for p in bandit.prompts for _ in bandit.actions]
+    completions = [[a, tok.eos_token_id] for _ in bandit.prompts for a in bandit.action_token_ids]
+    inputs = completion_batch(prompts, completions, tok.pad_token_id)
+    lean = sequence_logprobs(model, **inputs, lean=True).view(2, 4).double()
+    full = sequence_logprobs(model, **inputs, lean=False).view(2, 4).double()
+    torch.testing.assert_close(lean, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lean.exp(), read_policy(model, bandit), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lean.exp().sum(1), torch.ones(2, dtype=torch.float64), atol=1e-5, rtol=0)
