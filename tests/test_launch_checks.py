@@ -108,11 +108,19 @@ def test_vllm_launcher_port_is_outside_the_kernels_ephemeral_range(monkeypatch):
 
     low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for name in names:  # set, then delete: monkeypatch restores only what it recorded, so later tests see no RANK
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     ports = set()
     for _ in range(5):
         monkeypatch.delenv("RANK", raising=False)
         _launch_environment()
         ports.add(int(os.environ["MASTER_PORT"]))
     assert all(1024 <= p < low for p in ports), ports
+
+
+def test_the_launcher_port_test_leaves_no_launch_environment():
+    """The test above runs first in this module; a leaked RANK / MASTER_PORT sent every later recipe launch
+    to one port (EADDRINUSE)."""
+    assert not {"RANK", "MASTER_PORT"} & set(os.environ)
