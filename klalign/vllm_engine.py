@@ -151,8 +151,6 @@ class VLLMEngine:
                            enable_sleep_mode=args.vllm_sleep)
         else:  # the CPU backend allocates the whole KV cache up front: size it, and run eagerly
             options.update(kv_cache_memory_bytes=int(args.vllm_kv_cache_gb * 2**30), enforce_eager=True)
-        import random
-
         import numpy as np
 
         set_num_threads = torch.set_num_threads
