@@ -246,6 +246,8 @@ def main() -> int:
     parser.add_argument("--out", default="runs/head_to_head")
     parser.add_argument("--workers", type=int, default=2, help="Runs at a time (one torch thread each).")
     parser.add_argument("--docs", default="docs/head_to_head", help="Where the table (.md) and plot (.png) go.")
+    parser.add_argument("--eval-threads", default="2", help="Torch threads of the evaluation (1 on a shared machine: "
+                        "a 2-thread run slows many times over when another process holds a core).")
     args = parser.parse_args()
     started = time.time()
     out = Path(args.out).resolve()
@@ -258,8 +260,9 @@ def main() -> int:
     jobs = [(name, seed, *spec) for name, spec in chosen.items() for seed in args.seeds]
     with ThreadPoolExecutor(args.workers) as pool:
         records = list(pool.map(lambda job: run(*job, out, env), jobs))
-    bon = best_of_n_reference(heldout, args.budget, n_heldout, out, {**env, "OMP_NUM_THREADS": "2"})
-    report = evaluate(heldout, out, {**env, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
+    threads = {"OMP_NUM_THREADS": args.eval_threads, "MKL_NUM_THREADS": args.eval_threads}
+    bon = best_of_n_reference(heldout, args.budget, n_heldout, out, {**env, **threads})
+    report = evaluate(heldout, out, {**env, **threads})
     minutes = (time.time() - started) / 60
     text = (f"SmolLM2-135M-Instruct + LoRA, VADER reward, beta {BETA}, {args.budget} oracle queries per method, "
             f"seeds {args.seeds}; evaluated on {n_heldout} held-out prompts x 8 samples (± one standard error; "
