@@ -3,6 +3,8 @@
     python bench/nash_queries.py                      # the grid below, 3 seeds
     python bench/nash_queries.py --samples-per-prompt 64 --max-queries 16384   # 128 pairs a step, less noise
     python bench/nash_queries.py --quick              # one grid point per method, 1 seed (a smoke run)
+    python bench/nash_queries.py --beta 0.05 --samples-per-prompt 64 --etas 1,2,4 --max-queries 32768 \
+        --jobs 2 --out runs/bench-nash-queries-beta005.json   # weaker regularisation: Nash-MD's eta*beta <= 1 binds
     python bench/nash_queries.py --real-model         # SmolLM2-135M + LoRA on the cyclic text judge (bench/nash_real_model.py)
 
 The single-token test bed (ALGORITHMS.md, "The single-token test bed"; closed by construction, so no run
@@ -105,13 +107,19 @@ def run_one(folder: str, method: str, eta: float, inner_steps: int, learning_rat
             callbacks=[metrics],
         )
         trainer.remove_callback(PrinterCallback)  # the per-round log lines of 72 runs would bury the tables
-        trainer.train()
+        try:
+            trainer.train()
+            diverged = False
+        except (ValueError, RuntimeError) as error:  # the policy became NaN (too large a step): recorded
+            if not any(word in str(error) for word in ("finite", "nan", "inf")):
+                raise
+            diverged = True
     queries = [h["preference_queries"] for h in trainer.state.log_history if "round" in h]
     start = exact_metrics(bandit.ref.numpy(), bandit, opts["beta"])["testbed/exploitability"]
+    curve = [h["testbed/exploitability"] for h in metrics.history] + ([math.inf] if diverged else [])
     return {
         "method": method, "eta": eta, "inner_steps": inner_steps, "learning_rate": learning_rate, "seed": seed,
-        "queries": [0] + queries,
-        "exploitability": [start] + [h["testbed/exploitability"] for h in metrics.history],
+        "queries": [0] + queries[:len(curve)], "exploitability": [start] + curve, "diverged": diverged,
         "kl_nash_to_policy": [None] + [h["testbed/kl_nash_to_policy"] for h in metrics.history],
     }
 
@@ -188,7 +196,9 @@ def summarise(runs: list[dict], exact: dict, target: float, pairs: int) -> dict:
         spread = f"[{fmt(needed[0])}, {fmt(needed[-1])}]"
         final = statistics.median(r["exploitability"][-1] for r in group)  # at the budget: the noise floor
         eta = "-" if key[0] in STEP_BY_LEARNING_RATE else f"{key[1]:g}"
-        print(f"{key[0]:<15}{eta:>5}{key[2]:>4}{key[3]:>6g}   {per_seed:<28}{fmt(median):>8}  {spread:<16}{final:.4f}")
+        diverged = sum(r.get("diverged", False) for r in group)
+        note = f" ({diverged} diverged)" if diverged else ""
+        print(f"{key[0]:<15}{eta:>5}{key[2]:>4}{key[3]:>6g}   {per_seed:<28}{fmt(median):>8}  {spread:<16}{final:.4f}{note}")
 
     print("\nBest grid point per method (same grid, same seeds):")
     for method, (key, median, needed) in best.items():
@@ -229,6 +239,11 @@ def main():
     parser.add_argument("--target", type=float, default=0.01)
     parser.add_argument("--samples-per-prompt", type=int, default=16, help="pairs per prompt per inner step")
     parser.add_argument("--max-queries", type=int, default=6144, help="training query budget of each run")
+    parser.add_argument("--etas", default=",".join(map(str, GRID["eta"])), help="prox step sizes of the grid")
+    parser.add_argument("--inner-steps", default=",".join(map(str, GRID["inner_steps"])), help="M of the grid")
+    parser.add_argument("--learning-rates", default=",".join(map(str, GRID["learning_rate"])),
+                        help="inner SGD step sizes of the grid")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     parser.add_argument("--quick", action="store_true", help="one grid point per method, one seed")
     parser.add_argument("--out", default="runs/bench-nash-queries.json")
     parser.add_argument("--real-model", action="store_true",
@@ -241,11 +256,13 @@ def main():
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
-    grid, seeds = (QUICK_GRID, 1) if cli.quick else (GRID, cli.seeds)
+    grid = {"eta": tuple(map(float, cli.etas.split(","))), "inner_steps": tuple(map(int, cli.inner_steps.split(","))),
+            "learning_rate": tuple(map(float, cli.learning_rates.split(",")))}
+    grid, seeds = (QUICK_GRID, 1) if cli.quick else (grid, cli.seeds)
     bandit = SingleTokenBandit.intransitive(cli.num_prompts, cli.num_actions, seed=cli.game_seed)
     opts = {"beta": cli.beta, "samples_per_prompt": cli.samples_per_prompt, "max_queries": cli.max_queries,
             "game": [cli.num_prompts, cli.num_actions, cli.game_seed]}
-    jobs = [(m, eta, M, lr, s) for m in METHODS for eta, M, lr in itertools.product(*grid.values())
+    jobs = [(m, eta, M, lr, s) for m in cli.methods.split(",") for eta, M, lr in itertools.product(*grid.values())
             for s in range(seeds) if not (m == "nash_md" and eta * cli.beta > 1)
             and not (m in STEP_BY_LEARNING_RATE and eta != grid["eta"][0])]
     started = time.time()

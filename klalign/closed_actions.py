@@ -2,7 +2,7 @@
 
 Why an architecture and not fitted weights. The test bed's policy pi(.|x) is the next-token
 distribution at the end of a prompt restricted to K action tokens. A plain `LlamaForCausalLM` can only
-make the other tokens unlikely with its weights (`klalign.testbed._fit_lm_head` puts them 20 nats
+make the other tokens unlikely with its weights (`klalign.testbed_model._fit_lm_head` puts them 20 nats
 below the actions), and training may undo that: DPO's loss depends on the actions' log-ratio
 differences only, so it is blind to a shift shared by all of a prompt's actions, and Adam on every
 weight moved all action logits of one prompt from about 20 to about -6 in 9 steps, leaking 0.998 of
