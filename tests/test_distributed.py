@@ -203,12 +203,16 @@ def test_optimistic_kl_with_reward_model_features_under_zero3(tmp_path):
     assert summary["round 1 bonus"] > 0 and "round 1 oracle_reward" in summary
 
 
-@pytest.mark.parametrize("method", ["nash_mp", "nash_md"])
-def test_nash_with_a_local_lm_judge_under_zero3(method, tmp_path):
+@pytest.mark.parametrize("method, oracle", [("nash_mp", "judge_model_path"), ("nash_md", "judge_model_path"),
+                                            ("online_ipo", "preference_model_path")])
+def test_nash_with_a_model_oracle_under_zero3(method, oracle, tmp_path):
+    """A local LM judge, or a pairwise preference model (sequence classifier over both responses), prepared
+    as a DeepSpeed inference engine beside the ZeRO-3 policy."""
     from klalign.feedback import FeedbackStore
 
+    model = {"judge_model_path": "tiny:policy", "preference_model_path": "tiny:preference"}[oracle]
     config = config_with(tmp_path, "configs/tiny/nash_mp.yaml", drop=("reward_fn", "bradley_terry_temperature"),
-                         judge_model_path="tiny:policy", method=method)
+                         method=method, **{oracle: model})
     launch("zero3", ["recipes/nash_mp.py", "--config", config, "--output_dir", str(tmp_path / "run"),
                      "--num_rounds", "2", "--max_new_tokens", "6"])
     rows = FeedbackStore(tmp_path / "run" / "feedback").round_rows(1)

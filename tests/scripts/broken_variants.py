@@ -1,6 +1,6 @@
 """Each strengthened test of issue 15 against a deliberately broken variant of the code it guards.
 
-    python tests/scripts/broken_variants.py                  # every variant (~30 min on 2 CPU cores)
+    python tests/scripts/broken_variants.py                  # every variant (about 5 min on 2 CPU cores)
     python tests/scripts/broken_variants.py --only sppo_unregularised,no_half_step
 
 A variant is one textual edit of one source file (it must match exactly once). For each, the tracked
