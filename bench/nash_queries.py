@@ -3,8 +3,9 @@
     python bench/nash_queries.py                      # the grid below, 3 seeds
     python bench/nash_queries.py --samples-per-prompt 64 --max-queries 16384   # 128 pairs a step, less noise
     python bench/nash_queries.py --quick              # one grid point per method, 1 seed (a smoke run)
-    python bench/nash_queries.py --beta 0.05 --samples-per-prompt 64 --etas 1,2,4 --max-queries 32768 \
-        --jobs 2 --out runs/bench-nash-queries-beta005.json   # weaker regularisation: Nash-MD's eta*beta <= 1 binds
+    python bench/nash_queries.py --beta 0.05 --samples-per-prompt 64 --etas 1,2,4 --inner-steps 4,8 \
+        --learning-rates 0.2,0.5 --max-queries 32768 --jobs 2 --out runs/bench-nash-queries-beta005.json
+                                                      # weaker regularisation, 128 pairs a step (docs/bench/nash_queries.md)
     python bench/nash_queries.py --real-model         # SmolLM2-135M + LoRA on the cyclic text judge (bench/nash_real_model.py)
 
 The single-token test bed (ALGORITHMS.md, "The single-token test bed"; closed by construction, so no run
