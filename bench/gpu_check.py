@@ -61,9 +61,13 @@ def measured_run(report: str, script: str, argv: list[str]) -> None:
 def build_models(out: Path, smoke: bool) -> dict[str, str]:
     """Policy (also the judge) and reward model folders, bf16 on GPU (fp32 for the smoke run)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
 
-    from klalign.tiny import build_tokenizer
+    from klalign.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -182,7 +186,7 @@ def tokens_per_second(recipe: str, out: Path, wall: float) -> float:
         tokens = max((h["num_tokens"] for h in state["log_history"] if "num_tokens" in h), default=0)
         runtime = next((h["train_runtime"] for h in state["log_history"] if "train_runtime" in h), wall)
         return tokens / runtime
-    from klalign.feedback import FeedbackStore
+    from klalign.runs.feedback import FeedbackStore
 
     rows = FeedbackStore(out / "feedback", read_only=True).dataset().to_list()
     keys = ("completion_ids", "chosen_ids", "rejected_ids")
@@ -208,7 +212,6 @@ def master_drift_check(run: Path, models: dict, mode: tuple[str, list[str]], env
     """Nash-MP, ZeRO-3 bf16, lr 1e-6 (updates far below half a bf16 ulp of weights ~0.02): the fp32
     masters' distance from theta_0 must grow with the rounds (it stays at one round's worth if each
     reset to theta_k rounds the masters to bf16)."""
-    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
@@ -237,7 +240,7 @@ def lean_logprob_rows(smoke: bool) -> list[dict]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from klalign.logprobs import sequence_logprobs
+    from klalign.ops.logprobs import sequence_logprobs
 
     vocab, length, batch = (32_000, 128, 2) if smoke else (151_936, 1024, 4)
     device = "cuda" if torch.cuda.is_available() else "cpu"

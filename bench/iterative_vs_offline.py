@@ -23,9 +23,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from klalign import DPOConfig, DPOTrainer, IterativeDPOConfig, IterativeDPOTrainer  # noqa: E402
-from klalign.oracles import BradleyTerryPreference  # noqa: E402
-from klalign.testbed import SingleTokenBandit, TestbedReward, read_policy  # noqa: E402
-from klalign.testbed_metrics import TestbedMetricsCallback, exact_metrics  # noqa: E402
+from klalign.oracles.base import BradleyTerryPreference  # noqa: E402
+from klalign.testbed.bandit import SingleTokenBandit, TestbedReward  # noqa: E402
+from klalign.testbed.metrics import TestbedMetricsCallback, exact_metrics  # noqa: E402
+from klalign.testbed.model import read_policy
 
 BUDGETS = [256, 512, 1024, 2048, 4096, 8192]
 

@@ -3,7 +3,7 @@
     KLALIGN_CACHE=/work/klalign-cache HF_HUB_OFFLINE=1 python bench/logprob_memory.py
     ... python bench/logprob_memory.py --batch-size 2 --seq-len 1024 --prompt-len 64 --repeats 3
 
-`klalign.logprobs.sequence_logprobs(model, ..., lean=True|False)` on a tiny Llama body (2 layers,
+`klalign.ops.logprobs.sequence_logprobs(model, ..., lean=True|False)` on a tiny Llama body (2 layers,
 hidden 64, 4 heads) with a Qwen-size vocabulary V = 151,936 (untied head, like Qwen2.5-7B), B = 2,
 T = 1024 of which 960 completion tokens: the (B, T, V) fp32 logits are ~1.2 GB, the body almost
 nothing, so the head's memory is what is measured. `lean=False` is the plain path (the logits of the
@@ -64,7 +64,7 @@ def child(args, lean: bool) -> dict:
 
     import torch
 
-    from klalign.logprobs import sequence_logprobs
+    from klalign.ops.logprobs import sequence_logprobs
 
     model, batch = build(args)
     short = {k: v[:, :64].clone() for k, v in batch.items()}
@@ -87,9 +87,8 @@ def child(args, lean: bool) -> dict:
 
 def check_equal(args) -> dict:
     """Per-token log-probs and gradients of both paths on the same model and batch."""
-    import torch
 
-    from klalign.logprobs import token_logprobs
+    from klalign.ops.logprobs import token_logprobs
 
     model, batch = build(args)
     out = {}
@@ -145,7 +144,7 @@ def main():
     ratio = med["lean"][0] / med["full"][0]
     names = {"full": "full logits (lean=False)", "lean": "lean (lean=True, chunks of 256 positions)"}
     lines = [
-        f"One forward+backward of klalign.logprobs.sequence_logprobs on a tiny Llama body (2 layers, hidden 64) with "
+        f"One forward+backward of klalign.ops.logprobs.sequence_logprobs on a tiny Llama body (2 layers, hidden 64) with "
         f"V = {args.vocab:,} (untied head), B = {args.batch_size}, T = {args.seq_len} ({args.seq_len - args.prompt_len} "
         f"completion tokens per row; their fp32 logits alone: {logits_mib:.0f} MiB), fp32, CPU, torch threads "
         f"{results['full'][0]['threads']}. Peak extra resident memory = VmHWM - VmRSS before the call (high-water mark "

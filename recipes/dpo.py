@@ -13,17 +13,16 @@ from klalign import (
     DataArguments,
     DPOConfig,
     DPOTrainer,
+    ModelArguments,
     load_policy_and_reference,
     load_preference_dataset,
     load_tokenizer,
     lora_config,
-    ModelArguments,
     parse_config,
     resume_checkpoint,
     run_recipe,
     write_summary,
 )
-
 
 CONFIG_TYPES = (ModelArguments, DataArguments, DPOConfig)  # the dataclasses the YAML keys map onto
 

@@ -9,21 +9,20 @@ train DPO (or RSO's hinge) on the data. Interrupted? Run the same command with
 """
 
 from klalign import (
-    build_oracle,
     DataArguments,
     IterativeDPOConfig,
     IterativeDPOTrainer,
+    ModelArguments,
+    OracleArguments,
+    build_oracle,
     load_policy_and_reference,
     load_prompt_dataset,
     load_tokenizer,
     lora_config,
-    ModelArguments,
-    OracleArguments,
     parse_config,
     run_recipe,
     write_summary,
 )
-
 
 CONFIG_TYPES = (ModelArguments, DataArguments, OracleArguments, IterativeDPOConfig)  # the dataclasses the YAML keys map onto
 

@@ -14,23 +14,22 @@ with `--resume_from_checkpoint true`: the last whole iteration is the start, sto
 """
 
 from klalign import (
-    build_oracle,
     DataArguments,
+    ModelArguments,
+    NLHFConfig,
+    NLHFTrainer,
+    OracleArguments,
+    build_oracle,
     load_policy_and_reference,
     load_prompt_dataset,
     load_tokenizer,
     lora_config,
-    ModelArguments,
-    NashMPConfig,
-    NashMPTrainer,
-    OracleArguments,
     parse_config,
     run_recipe,
     write_summary,
 )
 
-
-CONFIG_TYPES = (ModelArguments, DataArguments, OracleArguments, NashMPConfig)  # the dataclasses the YAML keys map onto
+CONFIG_TYPES = (ModelArguments, DataArguments, OracleArguments, NLHFConfig)  # the dataclasses the YAML keys map onto
 ROUND_METRICS = ("win_rate/vs_reference", "win_rate/vs_previous", "kl_k3", "loss", "preference_queries", "eval_queries")
 
 
@@ -51,7 +50,7 @@ def main():
     policy, reference = load_policy_and_reference(model_args, training_args.trust_remote_code)
 
     # 2. Iterations of (sample against the opponent, ask, store, policy-gradient step) x M, twice.
-    trainer = NashMPTrainer(
+    trainer = NLHFTrainer(
         model=policy,
         ref_model=reference,
         args=training_args,

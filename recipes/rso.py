@@ -12,27 +12,26 @@ DPOTrainer (loss_type hinge is RSO's; sigmoid is its sigmoid-norm).
 from pathlib import Path
 
 from klalign import (
-    build_rso_dataset,
     DPOConfig,
     DPOTrainer,
     GenerationArguments,
+    ModelArguments,
+    RejectionSamplingArguments,
+    build_rso_dataset,
     load_causal_lm,
     load_policy_and_reference,
     load_preference_dataset,
     load_prompt_dataset,
     load_tokenizer,
     lora_config,
-    ModelArguments,
     parse_config,
     place_frozen,
-    RejectionSamplingArguments,
     resume_checkpoint,
     run_recipe,
     whole_model_loading,
     write_summary,
 )
-from klalign.oracles import build_reward_oracle
-
+from klalign.oracles.build import build_reward_oracle
 
 CONFIG_TYPES = (ModelArguments, RejectionSamplingArguments, GenerationArguments, DPOConfig)  # the dataclasses the YAML keys map onto
 

@@ -31,14 +31,14 @@ def private_caches(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from klalign.tiny import build_tokenizer
+    from klalign.models.tiny import build_tokenizer
 
     return build_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_policy_dir(tmp_path_factory):
-    from klalign.tiny import save_tiny_model
+    from klalign.models.tiny import save_tiny_model
 
     return save_tiny_model("policy", tmp_path_factory.mktemp("tiny-policy"))
 

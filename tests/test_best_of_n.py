@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from klalign.best_of_n import (
+from klalign.data.datasets import load_preference_dataset, load_prompt_dataset
+from klalign.generation.types import GenerationArguments
+from klalign.inference.best_of_n_sampling import (
     BestOfNSampler,
     best_of_n_expectation,
     best_of_n_weights,
@@ -18,10 +20,8 @@ from klalign.best_of_n import (
     preference_dataset,
     read_best_of_n,
 )
-from klalign.data import load_preference_dataset, load_prompt_dataset
-from klalign.generation import GenerationArguments
-from klalign.oracles import CallableReward
-from klalign.testbed import SingleTokenBandit, TestbedReward
+from klalign.oracles.base import CallableReward
+from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
 
 
 def table_oracle(bandit):

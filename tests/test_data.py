@@ -7,13 +7,13 @@ from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from klalign.data import (
-    DataError,
+from klalign.data.datasets import (
     load_preference_dataset,
     load_prompt_dataset,
     validate_preference_dataset,
     validate_prompt_dataset,
 )
+from klalign.errors import DataError
 
 
 def user(text):

@@ -18,7 +18,6 @@ import sys
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.distributed
@@ -170,8 +169,8 @@ def test_iterative_dpo_enhancers_with_a_reward_model_under_zero3(enhancer, tmp_p
     """Fresh collection with every enhancer, the reward model sharded like the policy. best_vs_worst
     builds `tiny:reward` inside the run (the build once hung the other process at a barrier); the
     others read a local reward-model folder (which once failed with "'weight' must be 2-D")."""
-    from klalign.feedback import FeedbackStore
-    from klalign.tiny import save_tiny_model
+    from klalign.models.tiny import save_tiny_model
+    from klalign.runs.feedback import FeedbackStore
 
     env = {}
     if enhancer == "best_vs_worst":
@@ -193,7 +192,7 @@ def test_iterative_dpo_enhancers_with_a_reward_model_under_zero3(enhancer, tmp_p
 
 
 def test_optimistic_kl_with_reward_model_features_under_zero3(tmp_path):
-    from klalign.feedback import FeedbackStore
+    from klalign.runs.feedback import FeedbackStore
 
     config = config_with(tmp_path, "configs/tiny/optimistic_kl.yaml", drop=("reward_fn",),
                          reward_model_path="tiny:reward", feature_map="reward_model")
@@ -208,7 +207,7 @@ def test_optimistic_kl_with_reward_model_features_under_zero3(tmp_path):
 def test_nash_with_a_model_oracle_under_zero3(method, oracle, tmp_path):
     """A local LM judge, or a pairwise preference model (sequence classifier over both responses), prepared
     as a DeepSpeed inference engine beside the ZeRO-3 policy."""
-    from klalign.feedback import FeedbackStore
+    from klalign.runs.feedback import FeedbackStore
 
     model = {"judge_model_path": "tiny:policy", "preference_model_path": "tiny:preference"}[oracle]
     config = config_with(tmp_path, "configs/tiny/nash_mp.yaml", drop=("reward_fn", "bradley_terry_temperature"),

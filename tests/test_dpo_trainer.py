@@ -6,7 +6,8 @@ import trl
 from datasets import Dataset
 
 from klalign import DPOConfig, DPOTrainer
-from klalign.tiny import build_causal_lm, positivity_preferences
+from klalign.models.tiny import build_causal_lm
+from klalign.testbed.positivity import positivity_preferences
 
 
 @pytest.fixture(scope="module")

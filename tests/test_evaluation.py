@@ -5,17 +5,22 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import run_script
 from transformers import AutoTokenizer
 
-from conftest import run_script
-from klalign import evaluation
-from klalign.data import DataError
-from klalign.evaluation import EvaluationArguments, EvaluationError, evaluate_checkpoints
-from klalign.generation import GenerationArguments
-from klalign.oracles import CallableReward
-from klalign.testbed import SingleTokenBandit, TestbedReward
-from klalign.theory import best_of_n_distribution, best_of_n_kl_estimate_mean, kl, tilted_frontier
-from klalign.tiny import save_tiny_model
+from klalign.errors import DataError, EvaluationError
+from klalign.evaluation import evaluate as evaluation
+from klalign.evaluation.evaluate import EvaluationArguments, evaluate_checkpoints
+from klalign.generation.types import GenerationArguments
+from klalign.models.tiny import save_tiny_model
+from klalign.oracles.base import CallableReward
+from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
+from klalign.theory import (
+    best_of_n_distribution,
+    best_of_n_kl_estimate_mean,
+    kl,
+    tilted_frontier,
+)
 
 BETA = 0.5  # the "trained checkpoint" is the KL-regularised optimum pi_ref exp(r / BETA) / Z
 GENERATION = GenerationArguments(max_new_tokens=2, generation_batch_size=1024)

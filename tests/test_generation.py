@@ -10,8 +10,12 @@ import torch
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from klalign.generation import GenerationArguments, _strip, sample_completions, stop_token_ids
-from klalign.testbed import SingleTokenBandit, read_policy
+from klalign.generation.hf import stop_token_ids
+from klalign.generation.hf import strip_after_stop as _strip
+from klalign.generation.sample import sample_completions
+from klalign.generation.types import GenerationArguments
+from klalign.testbed.bandit import SingleTokenBandit
+from klalign.testbed.model import read_policy
 
 # Instruct checkpoints ship such defaults; each changes the sampled law of the test bed's policy.
 BIASING_DEFAULTS = {"min_p": 0.25, "typical_p": 0.5, "repetition_penalty": 1.3, "top_k": 3, "temperature": 0.7}

@@ -9,9 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from klalign import IterativeDPOConfig, IterativeDPOTrainer
-from klalign.importance import truncated_weights
-from klalign.oracles import BradleyTerryPreference
-from klalign.testbed import SingleTokenBandit, TestbedReward, read_policy
+from klalign.ops.importance import truncated_weights
+from klalign.oracles.base import BradleyTerryPreference
+from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
+from klalign.testbed.model import read_policy
 
 TEMPERATURE = 1.6  # the sampler's; the training policy is at 1
 

@@ -1,19 +1,25 @@
 """GSHF iterative DPO on the online loop: optimum reached, kill-and-resume exact, enhancers, config errors."""
 
 import json
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
-
 from conftest import ROOT, run_script
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PrinterCallback,
+    TrainerCallback,
+)
+
 from klalign import IterativeDPOConfig, IterativeDPOTrainer
-from klalign.oracles import BradleyTerryPreference
-from klalign.testbed import SingleTokenBandit, TestbedReward, off_action_mass, read_policy
-from klalign.testbed_metrics import TestbedMetricsCallback
+from klalign.data.prompts import restored_prompt
+from klalign.oracles.base import BradleyTerryPreference
+from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
+from klalign.testbed.metrics import TestbedMetricsCallback
+from klalign.testbed.model import off_action_mass, read_policy
 
 
 def make_trainer(folder, out, bandit, oracle, callbacks=None, **overrides):
@@ -100,8 +106,9 @@ KILLABLE_RUN = textwrap.dedent('''
     import json, os, sys
     sys.path.insert(0, {tests!r})
     from test_iterative_dpo import make_trainer
-    from klalign.oracles import BradleyTerryPreference, PreferenceOracle
-    from klalign.testbed import SingleTokenBandit, TestbedReward, off_action_mass, read_policy
+    from klalign.oracles.base import BradleyTerryPreference, PreferenceOracle
+    from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
+    from klalign.testbed.model import off_action_mass, read_policy
 
     folder, out, log, kill_at, resume = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
     save_every = int(sys.argv[6])
@@ -147,7 +154,7 @@ def test_killed_run_resumes_exactly(save_every, bed, tmp_path):
     assert len(straight) == 8 and len(killed) == 5 + 3  # finished chunks were never queried again
     assert killed == straight  # and the resumed run asked exactly what the uninterrupted run asked
 
-    from klalign.feedback import FeedbackStore
+    from klalign.runs.feedback import FeedbackStore
 
     rows = [FeedbackStore(tmp_path / n / "feedback").dataset().to_list() for n in ("straight", "killed")]
     assert rows[0] == rows[1] and len(rows[0]) == 4 * 16  # no collected row lost or duplicated
@@ -191,7 +198,7 @@ class RoundStarts(TrainerCallback):
 
 def pair_logprobs(bandit, policy, rows) -> np.ndarray:
     """log policy(chosen), log policy(rejected) of every row from a (C, K) table. (N, 2)"""
-    return np.array([[np.log(policy[bandit.prompt_index(r["prompt"]), bandit.action_index(r[side])])
+    return np.array([[np.log(policy[bandit.prompt_index(restored_prompt(r["prompt"])), bandit.action_index(r[side])])
                       for side in ("chosen", "rejected")] for r in rows])
 
 
@@ -296,19 +303,19 @@ def test_rejection_sampling_enhancer_accepts_at_rso_rate(bed, tmp_path, monkeypa
     """RSO's statistical rejection sampling (Liu et al. 2024): each of the n candidates is accepted with
     probability exp((r - max r) / beta); over 2000 prompts the accepted count is within 4 standard errors of
     that rate, candidate by candidate rank, and the pair is the best and worst accepted candidate."""
-    import klalign.enhancers
+    import klalign.trainers.enhancers
 
     bandit, folder = bed
     trainer = make_trainer(folder, tmp_path, bandit, TestbedReward(bandit), num_rounds=1, prompts_per_round=16,
                            enhancer="rejection_sampling", samples_per_prompt=6, beta=0.3)
-    masks, sample = [], klalign.enhancers.rejection_sample
+    masks, sample = [], klalign.inference.rejection_sampling.rejection_sample
 
     def recording(rewards, beta, *args, **kwargs):
         mask = sample(rewards, beta, *args, **kwargs)
         masks.append((rewards.clone(), mask.clone()))
         return mask
 
-    monkeypatch.setattr(klalign.enhancers, "rejection_sample", recording)
+    monkeypatch.setattr(klalign.trainers.enhancers, "rejection_sample", recording)
     torch.manual_seed(0)
     proposals = trainer.enhancer.propose(0, bandit.prompts * 500)
     rewards = torch.stack([r for r, _ in masks])  # (N, n)

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from klalign import (
     GenerationArguments,
@@ -15,13 +14,15 @@ from klalign import (
     OptimisticKLConfig,
     Reference,
     check_equal_work,
+    sample_completions,
     swapped,
     take_snapshot,
     whole_model_loading,
 )
-from klalign.logprobs import completion_batch, sequence_logprobs
-from klalign.snapshots import reset
-from klalign.testbed import SingleTokenBandit
+from klalign.models.snapshots import reset
+from klalign.ops.batching import completion_batch
+from klalign.ops.logprobs import sequence_logprobs
+from klalign.testbed.bandit import SingleTokenBandit
 
 
 def test_equal_work_names_the_fields_and_the_number_of_processes():
@@ -70,8 +71,8 @@ def test_reference_is_the_frozen_model_or_the_disabled_adapter(bed):
     torch.testing.assert_close(adapter_off, expected)
     frozen = Reference(model, accelerator).sequence_logprobs(policy, batch)
     torch.testing.assert_close(frozen, expected)
-    samples = Reference(None, accelerator).generate(policy, bandit.tokenizer, bandit.prompts, 2,
-                                                    GenerationArguments(max_new_tokens=2))
+    with Reference(None, accelerator).generation_model(policy) as reference:
+        samples = sample_completions(reference, bandit.tokenizer, bandit.prompts, 2, GenerationArguments(max_new_tokens=2))
     assert len(samples) == 2 and all(len(s) == 2 for s in samples)
 
 
@@ -88,7 +89,10 @@ def test_swapped_restores_bit_for_bit_and_reset_restores(bed):
 
 
 def test_whole_model_loading_unregisters_zero3_and_puts_it_back():
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+    from transformers.integrations.deepspeed import (
+        HfDeepSpeedConfig,
+        is_deepspeed_zero3_enabled,
+    )
 
     config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
     assert is_deepspeed_zero3_enabled()
@@ -105,7 +109,7 @@ def test_vllm_launch_environment_is_set_only_while_the_engine_is_built(monkeypat
     """vLLM's external launcher needs RANK and MASTER_PORT in a plain process; left in the environment they
     sent every child process to the port this process's store holds (EADDRINUSE in CI). The port comes from
     below the kernel's ephemeral range."""
-    from klalign.vllm_engine import _launch_environment
+    from klalign.generation.vllm_engine import _launch_environment
 
     low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

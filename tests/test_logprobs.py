@@ -2,8 +2,9 @@
 
 import torch
 
-from klalign.logprobs import kl_k1, kl_k2, kl_k3, sequence_logprobs, token_logprobs
-from klalign.tiny import build_causal_lm
+from klalign.models.tiny import build_causal_lm
+from klalign.ops.kl import kl_k1, kl_k2, kl_k3
+from klalign.ops.logprobs import sequence_logprobs, token_logprobs
 
 
 def naive_sequence_logprobs(model, input_ids, attention_mask, completion_mask):
@@ -80,8 +81,9 @@ def test_lean_logprobs_follow_a_model_that_rewrites_its_logits():
     """The test bed's closed model rewrites the head's logits in its forward; the lean path (which applies the
     head itself) must not bypass that. After a step that moves mass off the actions in the plain head, the
     closed model's log-probs of [action, EOS] still sum to 1 over the actions, on either path."""
-    from klalign.logprobs import completion_batch
-    from klalign.testbed import SingleTokenBandit, read_policy
+    from klalign.ops.batching import completion_batch
+    from klalign.testbed.bandit import SingleTokenBandit
+    from klalign.testbed.model import read_policy
 
     bandit = SingleTokenBandit.random(num_prompts=2, num_actions=4, seed=0)
     model = bandit.build_model(closed=True)

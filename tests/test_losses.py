@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from klalign.losses import PREFERENCE_LOSSES, get_preference_loss
+from klalign.ops.preference_losses import PREFERENCE_LOSSES, get_preference_loss
 
 # chosen log-ratio 1.0, rejected -1.0 (delta = 2), lengths 2 and 4, beta 0.5
 CHOSEN, REJECTED = torch.tensor([1.0]), torch.tensor([-1.0])

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from klalign.models import (
+from klalign.models.loading import (
     ModelArguments,
     load_causal_lm,
     load_policy_and_reference,
@@ -70,7 +70,7 @@ def test_adapter_round_trip(tmp_path):
 
 
 def test_reward_model_needs_one_label(tmp_path):
-    from klalign.tiny import build_reward_model, build_tokenizer
+    from klalign.models.tiny import build_reward_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     model = build_reward_model(tokenizer)

@@ -10,16 +10,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_script
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from conftest import ROOT, run_script
-from klalign.geometric_mixture import sample_geometric_mixture
-from klalign.oracles import PreferenceOracle
-from klalign.testbed import SingleTokenBandit, TestbedPreference, read_policy
-from klalign.testbed_metrics import TestbedMetricsCallback
-from klalign.theory import exploitability, mirror_descent, nash_md, nash_mirror_prox, nash_prox, sppo
-from klalign.snapshots import load_snapshot, swapped, take_snapshot
-from klalign.trainers.nash_mp import METHODS, NashMPConfig, NashMPTrainer
+from klalign.data.prompts import restored_prompt
+from klalign.generation.geometric_mixture import sample_geometric_mixture
+from klalign.models.snapshots import load_snapshot, swapped, take_snapshot
+from klalign.oracles.base import PreferenceOracle
+from klalign.testbed.bandit import SingleTokenBandit, TestbedPreference
+from klalign.testbed.metrics import TestbedMetricsCallback
+from klalign.testbed.model import read_policy
+from klalign.theory import (
+    exploitability,
+    mirror_descent,
+    nash_md,
+    nash_mirror_prox,
+    nash_prox,
+    sppo,
+)
+from klalign.trainers.nash import NashMPConfig, NashMPTrainer
+from klalign.trainers.nash_methods import METHODS
 
 EXACT = {"nash_mp": nash_mirror_prox, "mirror_descent": mirror_descent, "nash_md": nash_md}
 
@@ -204,7 +214,7 @@ def test_egpo_full_step_restarts_from_theta_k_with_the_saved_optimizer_state(bed
     bandit, folder = bed
     trainer = make_trainer(folder, tmp_path, bandit, method="egpo", num_rounds=2, inner_steps=1,
                            optim="adamw_torch", learning_rate=1e-3)
-    seen, loss_fn = [], trainer._ipo_loss
+    seen, loss_fn = [], trainer._self_play_ipo_loss
 
     def spy(rows, anchor):
         optimizer = trainer._inner_optimizer()
@@ -212,7 +222,7 @@ def test_egpo_full_step_restarts_from_theta_k_with_the_saved_optimizer_state(bed
         seen.append((take_snapshot(trainer._policy), moments, {r["opponent_policy"] for r in rows}))
         return loss_fn(rows, anchor)
 
-    trainer._ipo_loss = spy
+    trainer._self_play_ipo_loss = spy
     trainer.train()
     (half0, m_half0, o_half), (full0, m_full0, o_full), (half1, m_half1, _), (full1, m_full1, _) = seen
     assert o_half == {"pi_k"} and o_full == {"pi_k+1/2"}
@@ -257,7 +267,7 @@ def test_sppo_estimates_win_rates_leave_one_out_and_regresses_on_pi_k(bed, tmp_p
             wins[i, j], wins[j, i] = label, 1 - label
         assert len(group["pairs"]) == K * (K - 1) // 2
         np.testing.assert_allclose(group["win_rates"], wins.sum(1) / (K - 1), atol=1e-12)
-        c = bandit.prompt_index(group["prompt"])
+        c = bandit.prompt_index(restored_prompt(group["prompt"]))
         expected = [np.log(pi_k[c, bandit.action_index(y)]) for y in group["completions"]]
         np.testing.assert_allclose(group["anchor_logprobs"], expected, atol=1e-5)
 
@@ -412,7 +422,7 @@ def test_bad_config_is_named(overrides, message, tmp_path):
 
 
 def test_needs_a_preference_oracle(bed, tmp_path):
-    from klalign.oracles import CallableReward
+    from klalign.oracles.base import CallableReward
 
     bandit, folder = bed
     with pytest.raises(TypeError, match="PreferenceOracle"):
@@ -479,7 +489,7 @@ def test_two_processes_replay_the_one_process_iterations(mode, one_process_run, 
 @pytest.mark.distributed
 def test_nash_md_samples_its_mixture_against_a_zero3_sharded_reference(tmp_path):
     """Fresh sampling under ZeRO-3: the mixture sampler calls the sharded reference in lockstep."""
-    from klalign.feedback import FeedbackStore
+    from klalign.runs.feedback import FeedbackStore
 
     launch_tiny("zero3", tmp_path, "--method", "nash_md")
     rows = FeedbackStore(tmp_path / "feedback").round_rows(1)
@@ -497,7 +507,7 @@ def test_bf16_masters_keep_updates_below_half_a_bf16_ulp(stage, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
-    from klalign.models import resolve_model_path
+    from klalign.models.loading import resolve_model_path
 
     # ZeRO-3's DeepSpeed file takes bf16 from the training config; the ZeRO-2 YAML from the launcher.
     config = (["configs/accelerate/cpu_zero3.yaml"] if stage == 3

@@ -7,14 +7,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from transformers import PrinterCallback
 
-from conftest import run_script
-from klalign.oracles import BradleyTerryPreference
-from klalign.reward_learning import TabularFeatures
-from klalign.testbed import SingleTokenBandit, TestbedReward, read_policy
-from klalign.testbed_metrics import TestbedMetricsCallback, exact_metrics
+from klalign.oracles.base import BradleyTerryPreference
+from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
+from klalign.testbed.metrics import TestbedMetricsCallback, exact_metrics
+from klalign.testbed.model import read_policy
 from klalign.trainers.optimistic import OptimisticKLConfig, OptimisticKLTrainer
+from klalign.trainers.reward_learning import TabularFeatures
 
 BETA = 0.1
 

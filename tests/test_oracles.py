@@ -5,15 +5,11 @@ import math
 import pytest
 import torch
 
-from klalign.oracles import (
-    BradleyTerryPreference,
-    CallableReward,
-    LMJudgePreference,
-    OracleArguments,
-    OracleError,
-    RewardModelOracle,
-    build_oracle,
-)
+from klalign.errors import OracleError
+from klalign.oracles.base import BradleyTerryPreference, CallableReward
+from klalign.oracles.build import OracleArguments, build_oracle
+from klalign.oracles.judges import LMJudgePreference
+from klalign.oracles.reward_models import RewardModelOracle
 
 PROMPTS, RESPONSES = ["p0", "p1", "p2"], ["r0", "r1", "r2"]
 
@@ -69,7 +65,7 @@ def test_judge_averages_both_orders():
 
 
 def test_real_judge_on_a_tiny_lm(tiny_tokenizer):
-    from klalign.tiny import build_causal_lm
+    from klalign.models.tiny import build_causal_lm
 
     judge = LMJudgePreference(build_causal_lm(tiny_tokenizer, seed=0), tiny_tokenizer, batch_size=2)
     probs = judge.preference(["How was it?"] * 3, ["great", "bad", "fine"], ["bad", "great", "fine"])
@@ -79,7 +75,7 @@ def test_real_judge_on_a_tiny_lm(tiny_tokenizer):
 
 
 def test_reward_model_oracle_scores_in_batches(tiny_tokenizer):
-    from klalign.tiny import build_reward_model
+    from klalign.models.tiny import build_reward_model
 
     model = build_reward_model(tiny_tokenizer).eval()
     oracle = RewardModelOracle(model, tiny_tokenizer, batch_size=2)

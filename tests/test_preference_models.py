@@ -3,18 +3,23 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
 
-from klalign.oracles import OracleArguments, build_oracle
-from klalign.preference_models import (
+from klalign.oracles.build import OracleArguments, build_oracle
+from klalign.oracles.preference_models import (
     PAIR_TEMPLATE,
     CyclicTextPreference,
     PairwisePreferenceModel,
     text_features,
 )
-from klalign.testbed import SingleTokenBandit, TestbedPreference
-from klalign.testbed_metrics import TestbedMetricsCallback
-from klalign.trainers.nash_mp import NashMPConfig, NashMPTrainer
+from klalign.testbed.bandit import SingleTokenBandit
+from klalign.testbed.metrics import TestbedMetricsCallback
+from klalign.trainers.nash import NashMPConfig, NashMPTrainer
 
 TEXTS = ["It was great, thanks!", "Awful.", "Fine, I think, fine, fine, fine, I think so, really fine."]
 

@@ -6,7 +6,6 @@ import os
 import re
 
 import pytest
-
 from conftest import ROOT, run_script
 
 
@@ -138,9 +137,9 @@ def recipe_config_types(recipe: str):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_starts_with_its_command_and_parses(config):
     """Each shipped config names the command that runs it, and every key maps onto a field."""
-    from klalign.config import parse_config
-    from klalign.evaluation import EvaluationArguments
-    from klalign.generation import GenerationArguments
+    from klalign.config.parsing import parse_config
+    from klalign.evaluation.evaluate import EvaluationArguments
+    from klalign.generation.types import GenerationArguments
 
     first = (ROOT / config).read_text().splitlines()[0]
     if first.startswith("# klalign evaluate"):

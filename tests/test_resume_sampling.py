@@ -5,17 +5,17 @@ import json
 import textwrap
 
 import pytest
-
 from conftest import run_script
-from klalign.manifest import RunMismatchError
-from klalign.testbed import SingleTokenBandit
+
+from klalign.errors import RunMismatchError
+from klalign.testbed.bandit import SingleTokenBandit
 
 KILLABLE = textwrap.dedent('''
     import os, sys
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from klalign import BestOfNSampler, GenerationArguments, RejectionSamplingArguments, build_rso_dataset
-    from klalign.oracles import RewardOracle
-    from klalign.testbed import SingleTokenBandit, TestbedReward
+    from klalign.oracles.base import RewardOracle
+    from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
 
     job, folder, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     bandit = SingleTokenBandit.load(folder)
@@ -74,7 +74,7 @@ def test_a_results_file_of_other_settings_is_not_continued(bed, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from klalign import BestOfNSampler, GenerationArguments
-    from klalign.testbed import TestbedReward
+    from klalign.testbed.bandit import TestbedReward
 
     bandit = SingleTokenBandit.load(bed)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(bed), AutoTokenizer.from_pretrained(bed)

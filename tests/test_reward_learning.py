@@ -1,10 +1,10 @@
-"""Reward learners with uncertainty and the feature maps behind them (klalign.reward_learning)."""
+"""Reward learners with uncertainty and the feature maps behind them (klalign.trainers.reward_learning)."""
 
 import numpy as np
 import pytest
 import torch
 
-from klalign.reward_learning import (
+from klalign.trainers.reward_learning import (
     EnsembleReward,
     HiddenStateFeatures,
     LinearReward,
@@ -187,7 +187,7 @@ def test_minilm_features_are_unit_embeddings_of_response_and_product():
 
 
 def test_hidden_state_features_of_a_causal_lm_and_a_reward_model(tiny_tokenizer):
-    from klalign.tiny import build_causal_lm, build_reward_model
+    from klalign.models.tiny import build_causal_lm, build_reward_model
 
     policy = build_causal_lm(tiny_tokenizer, seed=0)
     features = build_feature_map("reference", reference=policy, tokenizer=tiny_tokenizer)

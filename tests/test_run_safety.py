@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from klalign.evaluation import find_checkpoints
-from klalign.feedback import FeedbackStore
-from klalign.manifest import RunMismatchError
-from klalign.oracles import BradleyTerryPreference
-from klalign.resume import ResumeError
-from klalign.testbed import SingleTokenBandit, TestbedReward
 from test_iterative_dpo import make_trainer
+
+from klalign.errors import DataError, ResumeError, RunMismatchError
+from klalign.evaluation.evaluate import find_checkpoints
+from klalign.oracles.base import BradleyTerryPreference
+from klalign.runs.feedback import FeedbackStore
+from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
 
 SMALL = dict(num_rounds=3, prompts_per_round=16, prompts_per_chunk=8, learning_rate=1e-3, save_total_limit=3)
 
@@ -158,3 +157,17 @@ def test_saving_prints_nothing_and_each_round_one_line(bed, tmp_path, capsys):
     assert [line.split(":")[0] for line in captured.out.splitlines() if line.strip()] == ["round 0", "round 1", "round 2"]
     lines = (captured.out + captured.err).splitlines()
     assert not [line for line in lines if "Warning" in line or "Writing model shards" in line], lines
+
+
+def test_stored_prompts_have_one_schema_and_older_stores_are_read_or_refused():
+    """Every trainer stores a prompt as its key (canonical JSON) and reads it back. A store from the older
+    optimistic trainer (`json.dumps(prompt)`, unsorted keys) reads back the same prompt; one from the older
+    iterative/Nash trainers (string prompts as plain text) is refused with a message naming the store."""
+    from klalign.data.prompts import prompt_key, restored_prompt, stored_prompt
+
+    chat = [{"role": "user", "content": "Tell me about the city."}]
+    for prompt in ("How was the trip?", chat):
+        assert stored_prompt(prompt) == prompt_key(prompt) and restored_prompt(stored_prompt(prompt)) == prompt
+        assert restored_prompt(json.dumps(prompt)) == prompt  # the older optimistic trainer's rows
+    with pytest.raises(DataError, match="feedback store runs/x.*older klalign"):
+        restored_prompt("How was the trip?", "feedback store runs/x")

@@ -12,10 +12,16 @@ import torch
 from scipy import stats
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from klalign.generation import GenerationArguments, sample_completions
-from klalign.oracles import CallableReward
-from klalign.sampling import RejectionSamplingArguments, build_rso_dataset, pair_by_reward, rejection_sample
-from klalign.testbed import SingleTokenBandit, TestbedReward
+from klalign.generation.sample import sample_completions
+from klalign.generation.types import GenerationArguments
+from klalign.inference.rejection_sampling import (
+    RejectionSamplingArguments,
+    build_rso_dataset,
+    pair_by_reward,
+    rejection_sample,
+)
+from klalign.oracles.base import CallableReward
+from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
 from klalign.theory import rso_acceptance_rate, tilt
 
 BETA, R_MAX = 0.5, 1.5

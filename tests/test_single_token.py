@@ -5,11 +5,11 @@ is the tilt. Measured: KL(pi || pi*) averaged over 4 prompts ~0.009 with 4000 un
 (statistical error of the labels dominates); the bar is 0.02.
 """
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from klalign import DPOConfig, DPOTrainer
-from klalign.testbed import SingleTokenBandit, off_action_mass, read_policy
+from klalign.testbed.bandit import SingleTokenBandit
+from klalign.testbed.model import off_action_mass, read_policy
 from klalign.theory import kl
 
 BETA = 1.0

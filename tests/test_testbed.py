@@ -11,11 +11,9 @@ import torch
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from klalign.oracles import BradleyTerryPreference
-from klalign.testbed import (
-    SingleTokenBandit,
-    TestbedPreference,
-    TestbedReward,
+from klalign.oracles.base import BradleyTerryPreference
+from klalign.testbed.bandit import SingleTokenBandit, TestbedPreference, TestbedReward
+from klalign.testbed.model import (
     eos_after_action,
     off_action_mass,
     read_policy,

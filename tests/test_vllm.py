@@ -16,13 +16,14 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_script
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, run_script
 from klalign import IterativeDPOConfig, IterativeDPOTrainer
-from klalign.oracles import BradleyTerryPreference
-from klalign.testbed import SingleTokenBandit, TestbedReward, read_policy
+from klalign.oracles.base import BradleyTerryPreference
+from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
+from klalign.testbed.model import read_policy
 
 pytestmark = pytest.mark.vllm
 VLLM = dict(generation_backend="vllm", vllm_kv_cache_gb=0.25)
@@ -85,7 +86,7 @@ def test_vllm_samples_the_updated_policy(peft, bed, tmp_path, monkeypatch):
     for c in range(bandit.num_prompts):
         assert chisquare(counts[c], counts[c].sum() * policy[c]).pvalue > 1e-3
     # Without the push, the engine keeps sampling the weights it was built with: the same test fails.
-    from klalign.vllm_engine import VLLMEngine
+    from klalign.generation.vllm_engine import VLLMEngine
 
     initial_weights = AutoModelForCausalLM.from_pretrained(folder)
     monkeypatch.setattr(VLLMEngine, "push", lambda self, model, key: None)
@@ -108,7 +109,7 @@ KILLABLE = textwrap.dedent('''
 
 
 def trained_for_resume(folder, out, log, kill_at, resume):
-    from klalign.oracles import PreferenceOracle
+    from klalign.oracles.base import PreferenceOracle
 
     bandit = SingleTokenBandit.load(folder)
     inner = BradleyTerryPreference(TestbedReward(bandit))
@@ -155,7 +156,7 @@ def test_a_killed_vllm_run_resumes_exactly(bed, tmp_path):
 
 
 def test_online_recipe_with_vllm_under_two_processes(tmp_path):
-    from klalign.tiny import build_causal_lm, build_tokenizer
+    from klalign.models.tiny import build_causal_lm, build_tokenizer
 
     tokenizer = build_tokenizer()
     model = build_causal_lm(tokenizer, hidden_size=256)  # 4 heads of 64

@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from klalign.theory._checks import as_distribution, as_finite, as_sample_count, check_count, check_same_shape
+from klalign.theory._checks import (
+    as_distribution,
+    as_finite,
+    as_sample_count,
+    check_count,
+    check_same_shape,
+)
 from klalign.theory.tilt import safe_log
 
 

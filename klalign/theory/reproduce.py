@@ -11,7 +11,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure  # no pyplot: figures render to files, no global backend state
+from matplotlib.figure import (
+    Figure,  # no pyplot: figures render to files, no global backend state
+)
 
 from klalign.theory.bandits import hard_bandit_instance, simulate_kl_ucb
 from klalign.theory.best_of_n import (

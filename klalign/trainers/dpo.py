@@ -3,7 +3,7 @@
 `klalign.DPOTrainer` takes the same constructor arguments as `trl.DPOTrainer` and keeps its data
 preparation, reference handling (explicit model, disabled LoRA adapter, or precomputed
 log-probs) and distributed plumbing. What it replaces is the part the papers define: sequence
-log-probs (`klalign.logprobs`), the loss (`klalign.losses`, one function per `loss_type`) and the
+log-probs (`klalign.ops.logprobs`), the loss (`klalign.ops.preference_losses`, one function per `loss_type`) and the
 logged metrics. On the same model, reference, data and `beta`, its loss equals TRL's (tested).
 """
 
@@ -16,10 +16,10 @@ import trl
 from accelerate.utils import is_peft_model
 from trl.models.utils import disable_gradient_checkpointing
 
-from klalign.checks import check_training_config
-from klalign.logprobs import sequence_logprobs
-from klalign.losses import PREFERENCE_LOSSES, get_preference_loss
-from klalign.reference import Reference
+from klalign.config.checks import check_training_config
+from klalign.models.reference import Reference
+from klalign.ops.logprobs import sequence_logprobs
+from klalign.ops.preference_losses import PREFERENCE_LOSSES, get_preference_loss
 
 
 @dataclass
@@ -76,7 +76,7 @@ class DPOTrainer(trl.DPOTrainer):
 
     @property
     def reference(self) -> Reference:
-        """pi_ref (`klalign.reference`): `ref_model`, or with LoRA the policy with its adapter disabled (TRL's
+        """pi_ref (`klalign.models.reference`): `ref_model`, or with LoRA the policy with its adapter disabled (TRL's
         "ref" adapter when the model carries one). Without either, the policy itself: only TRL's
         precomputation calls it so, before any step, when the policy still is the reference."""
         adapter = None
@@ -100,11 +100,11 @@ class DPOTrainer(trl.DPOTrainer):
         return ref_logps.chunk(2, dim=0)
 
     def _reference_logprobs(self, inputs):
-        if self.precompute_ref_logps:
+        if self.precompute_ref_logps:  # private: klalign.internals
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         return self.compute_ref_log_probs(self.ref_model or self.model, inputs)
 
-    def _compute_loss(self, model, inputs, return_outputs):
+    def _compute_loss(self, model, inputs, return_outputs):  # private: klalign.internals
         mode = "train" if self.model.training else "eval"
         logps = sequence_logprobs(model, *self._split_inputs(inputs))  # (2B,)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # (B,) each
@@ -133,7 +133,7 @@ class DPOTrainer(trl.DPOTrainer):
         gather = self.accelerator.gather_for_metrics
         chosen_rewards = gather(self.beta * chosen_logratios.detach())
         rejected_rewards = gather(self.beta * rejected_logratios.detach())
-        metrics = self._metrics[mode]
+        metrics = self._metrics[mode]  # private: klalign.internals
         metrics["rewards/chosen"].append(chosen_rewards.mean().item())
         metrics["rewards/rejected"].append(rejected_rewards.mean().item())
         metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())

@@ -4,7 +4,7 @@ Round t: the main agent (the current policy) and an enhancer each propose a resp
 the oracle says which is preferred; the pairs join the feedback store; the policy is trained with
 a preference loss (DPO sigmoid, RSO hinge, ...) on the data so far or on the latest round, from
 its current weights, against the reference (the initial policy, as in the paper, or the previous
-iterate). Enhancers, selected by `enhancer` (see `klalign.enhancers`):
+iterate). Enhancers, selected by `enhancer` (see `klalign.trainers.enhancers`):
 
 - best_vs_worst: n samples from the main agent, scored by a reward; the best against the worst.
 - temperature: the main agent at its temperature against itself at `enhancer_temperature`.
@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers.utils import logging
 
-from klalign.enhancers import ENHANCERS, PairProposal
-from klalign.importance import estimate_weights, mismatch_metrics, sample_statistics
-from klalign.logprobs import kl_k3
-from klalign.losses import PREFERENCE_LOSSES, get_preference_loss
-from klalign.online import OnlineConfig, OnlineTrainer
-from klalign.oracles import PreferenceOracle, RewardOracle
-from klalign.feedback import stored_prompt
+from klalign.data.prompts import stored_prompt
+from klalign.ops.importance import estimate_weights, mismatch_metrics, sample_statistics
+from klalign.ops.kl import kl_k3
+from klalign.ops.preference_losses import PREFERENCE_LOSSES, get_preference_loss
+from klalign.oracles.base import PreferenceOracle, RewardOracle
+from klalign.trainers.enhancers import ENHANCERS, PairProposal
+from klalign.trainers.online import OnlineConfig, OnlineTrainer
 
 logger = logging.get_logger(__name__)
 
@@ -126,7 +126,7 @@ class IterativeDPOTrainer(OnlineTrainer):
     @torch.no_grad()
     def _main_statistics(self, proposals: list[PairProposal]) -> list[dict]:
         """Per main-agent sample: log pi_t(y) - log pi_ref(y) (the round's KL estimates, k1 and k3), log pi_t(y),
-        and the sampler's log-prob and mismatch (`klalign.importance`)."""
+        and the sampler's log-prob and mismatch (`klalign.ops.importance`)."""
         mains = [p.main for p in proposals]
         batch = self.batch([c.prompt_ids for c in mains], [c.completion_ids for c in mains])
         token_logps = self.frozen_policy_token_logprobs(batch)  # (B, T-1)
@@ -235,7 +235,7 @@ class IterativeDPOTrainer(OnlineTrainer):
             "oracle_queries": sum(r["oracle_queries"] for r in rows),
         }
         logratios = torch.tensor([r["main_logratio"] for r in rows], dtype=torch.float64)
-        if len(logratios):  # with importance_correction, weighted toward the training policy (klalign.importance)
+        if len(logratios):  # with importance_correction, weighted toward the training policy (klalign.ops.importance)
             weights = estimate_weights(rows, "main_policy_logprob", "main_sampler_logprob",
                                        self.args.importance_correction, self.args.importance_cap)
             weights = torch.ones_like(logratios) if weights is None else weights

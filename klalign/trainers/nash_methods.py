@@ -1,7 +1,7 @@
-"""The methods of `NashMPTrainer`: what each one samples, which loss it takes, and the paper it implements.
+"""The methods of `NLHFTrainer`: what each one samples, which loss it takes, and the paper it implements.
 
 One round of the online loop is one iteration k; pi_k is the policy at its start (ALGORITHMS.md
-section 3 for the game, `klalign.nash_losses` for the losses, `klalign.theory.games` for the exact
+section 3 for the game, `klalign.ops.nash_losses` for the losses, `klalign.theory.games` for the exact
 tabular iterations).
 
 - nash_mp (Tiapkin et al. 2025, arXiv 2505.19731 v1, "Accelerating Nash Learning from Human
@@ -14,7 +14,7 @@ tabular iterations).
 - nash_md (Munos et al. 2023): one step anchored at the geometric mixture mu_k ∝ pi_k^(1-eta beta)
   pi_ref^(eta beta), which is also the opponent. Since KL(pi||mu_k) = (1 - eta beta) KL(pi||pi_k) +
   eta beta KL(pi||pi_ref) + const, this is L with opponent mu_k (sampled token by token,
-  `klalign.geometric_mixture`) and c = 1/eta - beta; it is exact on a single token.
+  `klalign.generation.geometric_mixture`) and c = 1/eta - beta; it is exact on a single token.
 - online_ipo (Calandriello et al. 2024, arXiv 2403.08635): self-play, single loop. Each inner step
   draws fresh pairs y, y' of the current policy, asks P(y > y'), and takes one step on the IPO loss
   (h(y) - h(y') - (P - 1/2)/beta)^2, h = s_theta - s_ref; no anchor, no snapshot opponent, the
@@ -56,7 +56,7 @@ class NashMethod:
     pairs: what each inner step samples: "policy_vs_opponent" (y ~ pi_theta, y' ~ the phase's opponent),
         "opponent_pair" (y, y' ~ the phase's opponent), "self_play" (y, y' ~ pi_theta), "groups" (K
         samples of pi_k per prompt, all pairs; drawn once a round and reused by every inner step).
-    loss: the key of the trainer's loss (`klalign.nash_losses`).
+    loss: the key of the trainer's loss (`klalign.ops.nash_losses`).
     optimizer_state: "fresh" (cleared at every phase), "restore" (the state at theta_k, again for the
         second phase), "continue" (kept across rounds).
     """
@@ -84,5 +84,5 @@ METHODS: dict[str, NashMethod] = {
     "nash_prox": NashMethod(("full",), "self_play", "self_play_ipo", "fresh",
                             "Tiapkin et al., arXiv 2505.19731 v2 (Nash Prox; inferred from the abstract)"),
 }
-LOSS_METRIC = {"policy_gradient": "prox_loss", "self_play_ipo": "ipo_loss", "sppo": "sppo_loss"}
-LOSS_FUNCTIONS = {"policy_gradient": "_policy_gradient_loss", "self_play_ipo": "_ipo_loss", "sppo": "_sppo_loss"}
+LOSS_METRIC = {"policy_gradient": "prox_loss", "self_play_ipo": "self_play_ipo_loss", "sppo": "sppo_loss"}
+LOSS_FUNCTIONS = {"policy_gradient": "_policy_gradient_loss", "self_play_ipo": "_self_play_ipo_loss", "sppo": "_sppo_loss"}

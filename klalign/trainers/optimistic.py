@@ -14,7 +14,7 @@ One round of `OptimisticKLTrainer`:
            `PreferenceOracle` compares neighbours (i vs i+1 mod k: k queries, every sample in two
            comparisons; one query when k = 2), labels drawn from its probabilities. Stored with the
            samples' log-probs under the policy and the reference.
-  update   refit the reward learner (`klalign.reward_learning`) on every stored round, score this
+  update   refit the reward learner (`klalign.trainers.reward_learning`) on every stored round, score this
            round's samples with `r_tilde` (steps 1-3), then policy-gradient steps on
                J_tilde(pi) = E_{y ~ pi} r_tilde(x, y) - beta * KL(pi || pi_ref),
            whose maximiser is exactly step 4's Gibbs policy (ALGORITHMS.md section 0).
@@ -47,17 +47,27 @@ by round), so a resumed run refits the same reward and continues exactly.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
 
-from klalign.importance import mismatch_metrics, sample_statistics, truncated_weights
-from klalign.logprobs import kl_k3
-from klalign.online import OnlineConfig, OnlineTrainer
-from klalign.seeding import derived_seed
-from klalign.oracles import BradleyTerryPreference, PreferenceOracle, RewardOracle
-from klalign.reward_learning import FEATURE_MAPS, REWARD_LEARNERS, FeatureMap, RewardLearner, build_reward_learner
+from klalign.data.prompts import restored_prompt, stored_prompt
+from klalign.ops.importance import (
+    mismatch_metrics,
+    sample_statistics,
+    truncated_weights,
+)
+from klalign.ops.kl import kl_k3
+from klalign.oracles.base import BradleyTerryPreference, PreferenceOracle, RewardOracle
+from klalign.runs.seeding import derived_seed
+from klalign.trainers.online import OnlineConfig, OnlineTrainer
+from klalign.trainers.reward_learning import (
+    FEATURE_MAPS,
+    REWARD_LEARNERS,
+    FeatureMap,
+    RewardLearner,
+    build_reward_learner,
+)
 
 KL_PENALTIES = ("k1_in_reward", "k3_in_loss")
 
@@ -132,7 +142,7 @@ class RoundFeedback:
 class OptimisticKLTrainer(OnlineTrainer):
     """Optimistic KL-regularised online RLHF (see the module docstring).
 
-    `feature_map` is a frozen `phi(prompts, responses) -> (N, d)` (`klalign.reward_learning`).
+    `feature_map` is a frozen `phi(prompts, responses) -> (N, d)` (`klalign.trainers.reward_learning`).
     """
 
     oracle_kind = (RewardOracle, PreferenceOracle)
@@ -158,7 +168,7 @@ class OptimisticKLTrainer(OnlineTrainer):
     def collect(self, round_index: int, prompts: list) -> list[dict]:
         k = self.args.samples_per_prompt
         samples = self.generate(prompts, k)  # one list of k Completions per prompt
-        rows = [{"prompt": json.dumps(p), "prompt_ids": group[0].prompt_ids,
+        rows = [{"prompt": stored_prompt(p), "prompt_ids": group[0].prompt_ids,
                  "completion_ids": [c.completion_ids for c in group], "responses": [c.text for c in group]}
                 for p, group in zip(prompts, samples)]
         if isinstance(self.oracle, RewardOracle):
@@ -192,7 +202,7 @@ class OptimisticKLTrainer(OnlineTrainer):
     @torch.no_grad()
     def _sample_logprobs(self, rows: list[dict], completions: list) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
         """s(y) under the policy (pi_old of the update) and the reference, every sample, (G, k) each; and per
-        prompt the sampler's log-probs of its k samples and their mismatch (`klalign.importance`)."""
+        prompt the sampler's log-probs of its k samples and their mismatch (`klalign.ops.importance`)."""
         policy, reference, sampled = [], [], []
         k = self.args.samples_per_prompt
         size = self.args.per_device_train_batch_size // k  # prompts per batch
@@ -222,7 +232,7 @@ class OptimisticKLTrainer(OnlineTrainer):
             return self.feedback[round_index]
         rows = self.store.round_rows(round_index) if rows is None else rows
         k = self.args.samples_per_prompt
-        prompts = [json.loads(row["prompt"]) for row in rows for _ in range(k)]
+        prompts = [restored_prompt(row["prompt"], f"feedback store {self.store.directory}") for row in rows for _ in range(k)]
         phi = self.feature_map(prompts, [r for row in rows for r in row["responses"]])  # (G * k, d)
         phi = torch.as_tensor(phi, dtype=torch.float64).view(len(rows), k, -1)  # (G, k, d)
         if rows[0]["rewards"] is not None:
@@ -272,7 +282,7 @@ class OptimisticKLTrainer(OnlineTrainer):
                                                          learner.optimistic(phi)))  # (G, k) each
         old = torch.tensor([row["logprobs"] for row in rows], dtype=torch.float64)  # (G, k) s(y) under pi_old
         ref = torch.tensor([row["ref_logprobs"] for row in rows], dtype=torch.float64)  # (G, k)
-        weights = torch.ones_like(old)  # (G, k): truncated importance weights toward pi_old (klalign.importance)
+        weights = torch.ones_like(old)  # (G, k): truncated importance weights toward pi_old (klalign.ops.importance)
         if args.importance_correction != "none" and all(row.get("sampler_logprobs") for row in rows):
             sampler = torch.tensor([row["sampler_logprobs"] for row in rows], dtype=torch.float64)
             weights = truncated_weights(old, sampler, args.importance_cap)

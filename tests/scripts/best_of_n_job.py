@@ -16,7 +16,7 @@ from klalign import (
     place_frozen,
     whole_model_loading,
 )
-from klalign.distributed import process_state
+from klalign.models.placement import process_state
 
 if __name__ == "__main__":
     process_state()

@@ -27,7 +27,7 @@ NASH, ITER, OPT = "tests/test_nash_mp.py", "tests/test_iterative_dpo.py", "tests
 # name: (file, old text, new text, tests that must fail, what the edit breaks)
 VARIANTS = {
     "no_half_step": (
-        "klalign/trainers/nash_mp.py", "opponent = take_snapshot(self._policy)", "opponent = anchor",
+        "klalign/trainers/nash.py", "opponent = take_snapshot(self._policy)", "opponent = anchor",
         [f"{NASH}::test_trainer_follows_the_exact_nash_mp_path"],
         "Nash-MP's full step plays pi_k instead of pi_k+1/2 (mirror descent at twice the queries)"),
     "mirror_descent_with_half_step": (
@@ -42,7 +42,7 @@ VARIANTS = {
         [f"{NASH}::test_full_step_restarts_from_theta_k_with_fresh_optimizer_state"],
         "Nash-MP's prox steps share Adam's moments"),
     "online_ipo_unregularised": (
-        "klalign/trainers/nash_mp.py", "base, tau, stats = ref, self.args.beta, {}",
+        "klalign/trainers/nash.py", "base, tau, stats = ref, self.args.beta, {}",
         "base, tau, stats = (logps.detach() if self.args.method == 'online_ipo' else ref), self.args.beta, {}",
         [f"{NASH}::test_each_self_play_method_lands_on_the_regularised_nash_equilibrium[online_ipo]"],
         "online IPO without its KL to pi_ref (plain self-play policy gradient)"),
@@ -52,32 +52,32 @@ VARIANTS = {
         [f"{NASH}::test_online_ipo_samples_pairs_of_the_current_policy_and_keeps_its_optimizer_state"],
         "online IPO clears its optimizer state every round (not a single loop)"),
     "egpo_no_restore": (
-        "klalign/trainers/nash_mp.py", "self._restore_optimizer_state(saved)\n", "pass\n",
+        "klalign/trainers/nash.py", "self._restore_optimizer_state(saved)\n", "pass\n",
         [f"{NASH}::test_egpo_full_step_restarts_from_theta_k_with_the_saved_optimizer_state"],
         "EGPO's full step keeps the half step's optimizer state"),
     "egpo_full_step_from_half": (
-        "klalign/trainers/nash_mp.py", "reset(self._policy, start, engine)", "pass",
+        "klalign/trainers/nash.py", "reset(self._policy, start, engine)", "pass",
         [f"{NASH}::test_egpo_full_step_restarts_from_theta_k_with_the_saved_optimizer_state",
          f"{NASH}::test_full_step_restarts_from_theta_k_with_fresh_optimizer_state"],
         "the full step continues from theta_k+1/2 instead of restarting at theta_k"),
     "sppo_unregularised": (
-        "klalign/trainers/nash_mp.py", "target = (1 - step * beta) * pi_k + step * beta * ref + step * (win_rates - 0.5)",
+        "klalign/trainers/nash.py", "target = (1 - step * beta) * pi_k + step * beta * ref + step * (win_rates - 0.5)",
         "target = pi_k + eta * (win_rates - 0.5)",
         [f"{NASH}::test_each_self_play_method_lands_on_the_regularised_nash_equilibrium[sppo]",
          f"{NASH}::test_sppo_and_nash_prox_follow_their_exact_paths[sppo-0.025]"],
         "SPPO's own target (no pi_ref in the anchor): the unregularised game's fixed point"),
     "sppo_win_rate_with_self": (
-        "klalign/trainers/nash_mp.py", "win_rates = wins.sum(-1) / (K - 1)", "win_rates = (wins.sum(-1) + 0.5) / K",
+        "klalign/trainers/nash.py", "win_rates = wins.sum(-1) / (K - 1)", "win_rates = (wins.sum(-1) + 0.5) / K",
         [f"{NASH}::test_sppo_estimates_win_rates_leave_one_out_and_regresses_on_pi_k"],
         "SPPO's win rate counts the sample against itself (biased toward 1/2)"),
     "nash_prox_wrong_tau": (
-        "klalign/trainers/nash_mp.py", "base, tau = w * ref + (1 - w) * pi_k, self.args.beta + 1 / self.args.eta",
+        "klalign/trainers/nash.py", "base, tau = w * ref + (1 - w) * pi_k, self.args.beta + 1 / self.args.eta",
         "base, tau = w * ref + (1 - w) * pi_k, self.args.beta",
         [f"{NASH}::test_sppo_and_nash_prox_follow_their_exact_paths[nash_prox-0.03]",
          f"{NASH}::test_each_self_play_method_lands_on_the_regularised_nash_equilibrium[nash_prox]"],
         "Nash Prox forgets the proximal term's weight 1/eta in tau"),
     "optimism_off": (
-        "klalign/reward_learning.py", "r = self.predict(phi) + self.bonus(phi)", "r = self.predict(phi)",
+        "klalign/trainers/reward_learning.py", "r = self.predict(phi) + self.bonus(phi)", "r = self.predict(phi)",
         [f"{OPT}::test_optimism_beats_greedy_where_the_reference_underexplores"],
         "the optimistic learner is the greedy one (no bonus)"),
     "reference_previous_ignored": (
@@ -85,24 +85,24 @@ VARIANTS = {
         [f"{ITER}::test_reference_option_sets_the_log_ratios_of_the_loss[previous]"],
         'reference: previous takes log-ratios against pi_ref'),
     "uncertainty_first_pair": (
-        "klalign/enhancers.py", "i, j = divmod(int(width.argmax()), len(cands))", "i, j = 0, 1",
+        "klalign/trainers/enhancers.py", "i, j = divmod(int(width.argmax()), len(cands))", "i, j = 0, 1",
         [f"{ITER}::test_uncertainty_enhancer_picks_the_widest_pair"],
         "the uncertainty enhancer proposes the first two candidates"),
     "uncertainty_no_in_round_update": (
-        "klalign/enhancers.py", "sigma_inv = sigma_inv - (sigma_inv @ d @ d.T @ sigma_inv) / (1 + d.T @ sigma_inv @ d)",
+        "klalign/trainers/enhancers.py", "sigma_inv = sigma_inv - (sigma_inv @ d @ d.T @ sigma_inv) / (1 + d.T @ sigma_inv @ d)",
         "pass",
         [f"{ITER}::test_uncertainty_enhancer_picks_the_widest_pair"],
         "Sigma is not updated with the pairs proposed earlier in the round"),
     "previous_checkpoint_is_current": (
-        "klalign/enhancers.py", "self._snapshot_path(max(round_index - 1, 0))", "self._snapshot_path(round_index)",
+        "klalign/trainers/enhancers.py", "self._snapshot_path(max(round_index - 1, 0))", "self._snapshot_path(round_index)",
         [f"{ITER}::test_previous_checkpoint_enhancer_samples_the_previous_round_policy"],
         "the previous-checkpoint enhancer samples pi_t"),
     "rejection_rate_wrong_beta": (
-        "klalign/enhancers.py", "kept = rejection_sample(r, self.args.beta)", "kept = rejection_sample(r, 2 * self.args.beta)",
+        "klalign/trainers/enhancers.py", "kept = rejection_sample(r, self.args.beta)", "kept = rejection_sample(r, 2 * self.args.beta)",
         [f"{ITER}::test_rejection_sampling_enhancer_accepts_at_rso_rate"],
         "rejection sampling accepts at exp((r - max r) / 2 beta)"),
     "open_action_set": (
-        "klalign/testbed.py", "hidden_size: int | None = None, closed: bool = True) -> Path:",
+        "klalign/testbed/bandit.py", "hidden_size: int | None = None, closed: bool = True) -> Path:",
         "hidden_size: int | None = None, closed: bool = False) -> Path:",
         [f"{ITER}::test_full_fine_tuning_cannot_leak_mass_off_the_actions"],
         "the bed is the plain Llama again (the action set is not closed)"),

@@ -1,0 +1,194 @@
+"""Statistical rejection sampling (RSO; Liu et al. 2024, Algorithm 1; ALGORITHMS.md section 2).
+
+Draw candidates from `pi_ref`, score them, and keep candidate y with probability
+`exp((r(y) - r_max) / beta)`. If `r_max` bounds the reward, the kept samples are exact draws from
+`pi_ref * exp(r / beta) / Z` and the expected acceptance rate is `Z * exp(-r_max / beta)`
+(`klalign.theory.rso_acceptance_rate`). The RSO paper uses the largest reward among a prompt's
+candidates as `r_max`, which is what `r_max=None` does: a slight, standard approximation.
+
+`build_rso_dataset` turns accepted samples into preference pairs labelled by the reward and
+appends them to a JSONL file prompt by prompt, so a killed run keeps everything it scored and,
+resumed, writes the same file as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import klalign
+from klalign.config.checks import check_beta
+from klalign.data.prompts import as_turn, prompt_key
+from klalign.generation.sample import sample_completions
+from klalign.generation.types import GenerationArguments
+from klalign.models.placement import decided_on_main
+from klalign.oracles.base import RewardOracle
+from klalign.runs.manifest import check_or_write, model_fingerprint
+from klalign.runs.prompt_jobs import (
+    append_lines,
+    prompt_groups,
+    read_jsonl,
+    rewrite_lines,
+    run_groups,
+    unique_prompts,
+)
+from klalign.runs.seeding import derived_seed
+
+
+def rejection_sample(
+    rewards: torch.Tensor, beta: float, r_max: float | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Accept each candidate with probability exp((r - r_max) / beta). (N,) rewards -> (N,) bool mask."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    rewards = rewards.to(torch.float64)
+    bound = rewards.max() if r_max is None else torch.tensor(float(r_max), dtype=torch.float64)
+    if (rewards > bound + 1e-12).any():
+        raise ValueError(f"r_max={float(bound)} is below a candidate's reward {float(rewards.max())}")
+    accept_prob = torch.exp((rewards - bound) / beta)  # (N,) in (0, 1]
+    return torch.rand(rewards.shape, generator=generator, dtype=torch.float64) < accept_prob
+
+
+def pair_by_reward(responses: list[str], rewards: list[float]) -> list[tuple[str, str, float, float]]:
+    """Pair consecutive accepted responses; the higher reward is chosen. Ties carry no preference: dropped."""
+    pairs = []
+    for i in range(0, len(responses) - 1, 2):
+        (a, ra), (b, rb) = (responses[i], rewards[i]), (responses[i + 1], rewards[i + 1])
+        if ra == rb:
+            continue
+        pairs.append((a, b, ra, rb) if ra > rb else (b, a, rb, ra))
+    return pairs
+
+
+@dataclass
+class RejectionSamplingArguments:
+    """RSO's data step. YAML keys map 1:1 onto these fields."""
+
+    prompt_dataset_path: str = field(
+        default="configs/data/tiny_prompts.jsonl", metadata={"help": "Prompts to sample for (a prompt-only dataset)."}
+    )
+    reward_fn: str | None = field(default=None, metadata={"help": "Reward function by name (klalign.oracles.reward_functions), e.g. vader."})
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "A sequence-classification reward model folder (instead of reward_fn)."}
+    )
+    num_candidates: int = field(default=16, metadata={"help": "Candidates drawn from the reference per prompt."})
+    sampling_beta: float = field(
+        default=0.5, metadata={"help": "beta of the target pi_ref * exp(r / beta) the accepted samples follow."}
+    )
+    r_max: float | None = field(
+        default=None, metadata={"help": "Reward upper bound; default: the best candidate's reward per prompt."}
+    )
+    rso_dataset_path: str | None = field(
+        default=None, metadata={"help": "Where the pairs are written (JSONL); default: <output_dir>/rso_pairs.jsonl."}
+    )
+    sampling_seed: int = field(default=0, metadata={"help": "Seed of generation and acceptance draws."})
+
+    def __post_init__(self):
+        if (self.reward_fn is None) == (self.reward_model_path is None):
+            raise ValueError("set exactly one of reward_fn and reward_model_path")
+        if self.num_candidates < 2:
+            raise ValueError(f"num_candidates must be >= 2 to form pairs, got {self.num_candidates}")
+        check_beta(self.sampling_beta, "sampling_beta")
+
+
+def build_rso_dataset(
+    reference,
+    tokenizer,
+    prompts: list,
+    oracle: RewardOracle,
+    out_path: str | Path,
+    args: RejectionSamplingArguments,
+    generation: GenerationArguments | None = None,
+) -> dict:
+    """Sample, score, accept and pair for every prompt; append each prompt's pairs to `out_path` (JSONL).
+
+    Each row of the file is a valid preference pair in the prompt's own format (a string, or a
+    conversation with assistant-message responses: `klalign.data.datasets.load_preference_dataset` reads it)
+    plus the rewards and the prompt's acceptance count. The oracle sees each prompt as given.
+
+    Reproducible and resumable (`klalign.runs.prompt_jobs`): candidates are drawn per group of prompts
+    with a seed derived from `sampling_seed` and the prompts, acceptance draws per prompt from a
+    generator seeded by the prompt. A prompt is done once its line is in the index file beside the
+    pairs (`<name>.prompts.jsonl`, written after its pairs); a re-run skips done prompts, and pairs of
+    a prompt a kill left without an index line are dropped and drawn again (identically). Under a
+    multi-process launch every process calls this with the same prompts; the main process writes.
+    Returns statistics over every prompt in the index: prompts, candidates, accepted, acceptance
+    rate, pairs, and `sampled` (prompts drawn by this call).
+    """
+    generation = generation or GenerationArguments()
+    out_path = Path(out_path)
+    index_path = out_path.with_name(f"{out_path.stem}.prompts.jsonl")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    decided_on_main(lambda: _check_manifest(out_path, reference, oracle, args, generation))
+    done = decided_on_main(lambda: _rso_done(out_path, index_path))
+    unique = unique_prompts(prompts)
+    groups = prompt_groups(list(unique), generation.generation_batch_size // args.num_candidates)
+    todo = [g for g in groups if any(key not in done for key in g)]
+
+    engine = None
+    if generation.generation_backend == "vllm":
+        from klalign.generation.vllm_engine import engine_for
+
+        engine = engine_for(reference, tokenizer, generation, args.sampling_seed)
+
+    def work(keys: list[str]) -> list[dict]:
+        group = [unique[k] for k in keys]
+        samples = sample_completions(reference, tokenizer, group, args.num_candidates, generation,
+                                     seed=derived_seed(args.sampling_seed, "rso", *keys), progress=False,
+                                     engine=engine, weights_key="sampler")
+        return [_accept_and_pair(key, prompt, [c.text for c in cands], oracle, args)
+                for key, prompt, cands in zip(keys, group, samples)]
+
+    sampled = []
+
+    def write(keys: list[str], results: list[dict]) -> None:
+        for key, result in zip(keys, results):
+            if key in done:
+                continue
+            append_lines(out_path, [json.dumps(row) for row in result.pop("rows")])
+            append_lines(index_path, [json.dumps(result)])
+            done[key] = result
+            sampled.append(key)
+
+    run_groups(todo, work, write, desc="rejection sampling")
+    records = list(done.values())
+    stats = {key: sum(r[key] for r in records) for key in ("candidates", "accepted", "pairs")}
+    stats.update(prompts=len(records), sampled=len(sampled),
+                 acceptance_rate=stats["accepted"] / max(stats["candidates"], 1))
+    return decided_on_main(lambda: stats)
+
+
+def _check_manifest(out_path: Path, reference, oracle, args, generation) -> None:
+    """The same settings always draw the same pairs, so a re-run continues the file; other settings never may."""
+    settings = {"klalign_version": klalign.__version__, "sampler": model_fingerprint(reference),
+                "oracle": oracle.fingerprint(), "generation": dataclasses.asdict(generation),
+                **{k: getattr(args, k) for k in ("num_candidates", "sampling_beta", "r_max", "sampling_seed")}}
+    check_or_write(out_path.with_name(f"{out_path.stem}.manifest.json"), settings, out_path.exists(), True,
+                   "the RSO pairs file")
+
+
+def _accept_and_pair(key: str, prompt, responses: list[str], oracle: RewardOracle,
+                     args: RejectionSamplingArguments) -> dict:
+    """One prompt's candidates scored, accepted (a generator seeded by the prompt) and paired."""
+    rewards = oracle.score([prompt] * len(responses), responses)
+    generator = torch.Generator().manual_seed(derived_seed(args.sampling_seed, "accept", key))
+    kept = rejection_sample(rewards, args.sampling_beta, args.r_max, generator).nonzero().flatten().tolist()
+    pairs = pair_by_reward([responses[i] for i in kept], [rewards[i].item() for i in kept])
+    record = {"prompt": prompt, "accepted": len(kept), "candidates": len(responses)}
+    rows = [{**record, "chosen": as_turn(prompt, chosen), "rejected": as_turn(prompt, rejected),
+             "chosen_reward": r_c, "rejected_reward": r_r} for chosen, rejected, r_c, r_r in pairs]
+    return {**record, "pairs": len(pairs), "rows": rows}
+
+
+def _rso_done(out_path: Path, index_path: Path) -> dict[str, dict]:
+    """{prompt key: index record} of finished prompts; pairs of unfinished prompts are dropped from the file."""
+    done = {prompt_key(r["prompt"]): r for r in read_jsonl(index_path)}
+    rows = read_jsonl(out_path)
+    kept = [row for row in rows if prompt_key(row["prompt"]) in done]
+    if len(kept) < len(rows):
+        rewrite_lines(out_path, [json.dumps(row) for row in kept])
+    return done

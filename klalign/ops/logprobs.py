@@ -1,0 +1,99 @@
+"""Sequence log-probabilities (ALGORITHMS.md, Notation).
+
+`s(y) = sum_t log pi(y_t | x, y_<t)` over completion tokens only.
+
+Lean by default: the (B, T, V) logits are never kept. The model runs with `logits_to_keep=1` and
+returns its last hidden states; the LM head is applied to the completion positions only, a chunk of
+positions at a time under activation checkpointing (the chunked selective log-softmax that TRL's
+fused LM head and Liger's fused linear losses also use): backward recomputes a chunk's logits
+instead of keeping them. For a Qwen-size vocabulary (152k) at B 16, T 512 that is the difference
+between ~5 GB of fp32 logits kept for backward and one (256, V) chunk at a time. The model and the
+head are called as modules, through their wrappers, so DDP's gradient hooks and DeepSpeed's ZeRO-3
+gathering work as for any forward. `lean=False` gives the plain path (logits for the positions from
+the shortest prompt on, float32, log-softmax never materialised), used where a model's head is not a
+plain linear map (soft-capped or scaled logits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from klalign.ops.modules import base_model, text_config, unwrap
+
+TOKEN_CHUNK = 256  # completion tokens whose logits exist at once: (256, V) floats, ~155 MB at V = 152k
+
+
+def _plain_head(model) -> bool:
+    """The lean path computes `head(hidden)`: true for transformers' own forward (a subclass that rewrites the
+    logits, such as the test bed's `ClosedActionLlamaForCausalLM`, is not) and heads without soft-capping or
+    scaling of the logits."""
+    forward = type(base_model(model)).forward
+    if not forward.__module__.startswith("transformers."):
+        return False
+    config = text_config(model)
+    return not any(getattr(config, name, None) for name in
+                   ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+
+
+def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for a chunk of positions: (n, H), (n,) -> (n,). Logits in float32, then freed."""
+    logits = head(hidden).float()  # (n, V)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _lean_token_logprobs(model, input_ids, attention_mask, completion_mask, first: int) -> torch.Tensor:
+    """log p of the completion tokens from position `first` on, without the (B, T, V) logits. (B, T-first)
+
+    The head runs on chunks of completion positions under activation checkpointing: only the chunk's
+    hidden states are kept, and backward recomputes its logits. The head is called as a module, so
+    DeepSpeed's ZeRO-3 hooks gather its weight for each call, in forward and in the recomputation."""
+    from torch.utils.checkpoint import checkpoint
+
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
+                output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, first - 1 : -1]  # (B, T-first, H): the states that predict tokens first..T-1
+    targets = input_ids[:, first:]  # (B, T-first)
+    scored = completion_mask[:, first:].bool()  # only completion tokens are scored
+    head = unwrap(model).get_output_embeddings()
+    h, y = hidden[scored], targets[scored]  # (N, H), (N,)
+    grad = torch.is_grad_enabled()
+    chunks = [checkpoint(_chunk_logprobs, head, h[i : i + TOKEN_CHUNK], y[i : i + TOKEN_CHUNK], use_reentrant=False)
+              if grad else _chunk_logprobs(head, h[i : i + TOKEN_CHUNK], y[i : i + TOKEN_CHUNK])
+              for i in range(0, len(y), TOKEN_CHUNK)]
+    picked = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+    if chunks:
+        picked = picked.masked_scatter(scored, torch.cat(chunks))
+    return picked
+
+
+def token_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, lean: bool = True
+) -> torch.Tensor:
+    """Per-token log-probs of the completion tokens, zero elsewhere. (B, T) -> (B, T-1).
+
+    Position t of the output scores token t+1 of `input_ids`, as in a shifted LM loss.
+    `completion_mask` marks completion tokens with 1 (prompt and padding 0). `lean`: without the
+    (B, T, V) logits (see the module docstring); equal to the plain path to float rounding.
+    """
+    seq_len = input_ids.size(1)
+    first = int(completion_mask.float().argmax(dim=1).min().clamp(min=1))  # earliest completion token
+    if lean and _plain_head(model):
+        out = torch.zeros(input_ids.size(0), seq_len - 1, dtype=torch.float32, device=input_ids.device)
+        out[:, first - 1 :] = _lean_token_logprobs(model, input_ids, attention_mask, completion_mask, first)
+        return out  # (B, T-1)
+    keep = seq_len - first + 1  # logits for positions first-1 .. T-1 predict tokens first .. T
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
+    logits = logits[:, :-1].float()  # (B, keep-1, V): the last position predicts nothing
+    targets = input_ids[:, first:]  # (B, keep-1)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    mask = completion_mask[:, first:].to(picked.dtype)
+    out = picked.new_zeros(input_ids.size(0), seq_len - 1)
+    out[:, first - 1 :] = picked * mask
+    return out  # (B, T-1)
+
+
+def sequence_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, lean: bool = True
+) -> torch.Tensor:
+    """`s(y)`: the summed log-prob of each row's completion. (B, T) -> (B,)"""
+    return token_logprobs(model, input_ids, attention_mask, completion_mask, lean).sum(dim=1)

