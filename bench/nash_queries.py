@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from klalign import NashMPConfig, NashMPTrainer  # noqa: E402
 from klalign.testbed.bandit import SingleTokenBandit, TestbedPreference  # noqa: E402
 from klalign.testbed.metrics import TestbedMetricsCallback, exact_metrics  # noqa: E402
 from klalign.theory import (  # noqa: E402
@@ -58,7 +59,6 @@ from klalign.theory import (  # noqa: E402
     nash_mirror_prox,
     nash_prox,
 )
-from klalign.trainers.nash import NashMPConfig, NashMPTrainer  # noqa: E402
 from klalign.trainers.nash_methods import METHODS as NASH_METHODS  # noqa: E402
 
 METHODS = tuple(NASH_METHODS)

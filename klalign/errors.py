@@ -1,5 +1,5 @@
 """Every error that means bad input, in one place: a config, a dataset, an oracle's answer, a checkpoint
-to evaluate, collected data from another run, a resume that cannot go on.
+to evaluate, collected data from another run, a resume that cannot go on; and a run that diverged.
 
 Recipes and `klalign evaluate` report these as one line on stderr with exit status 2
 (`klalign.config.checks.run_recipe`); any other exception is a bug and keeps its traceback.
@@ -32,5 +32,10 @@ class ResumeError(RuntimeError):
     """A resume that cannot go on safely; the message names the file and what to do."""
 
 
-# The errors that mean bad input (reported as one line), not a bug (reported with its traceback).
-INPUT_ERRORS = (ConfigError, DataError, EvaluationError, OracleError, RunMismatchError, ResumeError, FileNotFoundError)
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss, gradient or KL; the message names the round and the step."""
+
+
+# The errors reported as one line (bad input, a diverged run), not as a bug (with its traceback).
+INPUT_ERRORS = (ConfigError, DataError, EvaluationError, OracleError, RunMismatchError, ResumeError, FileNotFoundError,
+                DivergenceError)  # a diverged run is reported the same way: one line, exit status 2

@@ -163,6 +163,23 @@ def test_iterative_dpo_update_matches_one_process(mode, reward_model_iterative, 
     assert len(expected) == 2 and logged(tmp_path / "checkpoint-round-00001") == pytest.approx(expected, abs=1e-4)
 
 
+def test_a_stale_view_of_the_store_on_one_process_neither_hangs_nor_changes_the_run(tmp_path):
+    """Whether a stored chunk exists, and which rows earlier rounds stored, is read by the main process and
+    shared: rank 1 seeing an empty store (tests/scripts/stale_store_run.py) resumes round 1 from the stored
+    feedback like rank 0 and ends with the uninterrupted run's losses (each process deciding on its own view,
+    rank 1 collected again while rank 0 trained: the processes met at different collectives and hung)."""
+    args = ["--config", "configs/tiny/iterative_dpo.yaml", *ONLINE, "--save_total_limit", "3"]
+    straight = tmp_path / "straight"
+    launch("ddp", ["recipes/iterative_dpo.py", *args, "--output_dir", str(straight)])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoint-round-00001")  # round 1 replays: its chunk is in the store
+    launch("ddp", ["tests/scripts/stale_store_run.py", "recipes/iterative_dpo.py", *args, "--output_dir", str(resumed),
+                   "--resume_from_checkpoint", "true"], timeout=600)
+    expected = logged(straight / "checkpoint-round-00001")
+    assert len(expected) == 2 and logged(resumed / "checkpoint-round-00001") == pytest.approx(expected, abs=1e-6)
+
+
 @pytest.mark.parametrize("enhancer", ["best_vs_worst", "temperature", "previous_checkpoint", "rejection_sampling",
                                       "uncertainty"])
 def test_iterative_dpo_enhancers_with_a_reward_model_under_zero3(enhancer, tmp_path):

@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, run_script
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from klalign import NashMPConfig, NashMPTrainer
 from klalign.data.prompts import restored_prompt
 from klalign.generation.geometric_mixture import sample_geometric_mixture
 from klalign.models.snapshots import load_snapshot, swapped, take_snapshot
@@ -28,7 +29,6 @@ from klalign.theory import (
     nash_prox,
     sppo,
 )
-from klalign.trainers.nash import NashMPConfig, NashMPTrainer
 from klalign.trainers.nash_methods import METHODS
 
 EXACT = {"nash_mp": nash_mirror_prox, "mirror_descent": mirror_descent, "nash_md": nash_md}
@@ -412,7 +412,12 @@ def test_run_killed_inside_an_iteration_resumes_exactly(bed, tmp_path):
         (dict(eta=0.0), "eta must be > 0"),
         (dict(method="nash_md", eta=20.0), "eta \\* beta <= 1"),
         (dict(inner_steps=0), "inner_steps must be >= 1"),
-        (dict(temperature=0.7), "temperature 1 and top_p 1"),
+        (dict(temperature=0.7, importance_correction="none"), "temperature 1 and top_p 1"),
+        # the regression losses take no importance weights: a tempered sampler is refused whatever the correction
+        (dict(method="online_ipo", temperature=0.7, importance_correction="sequence"), "online_ipo: .* temperature 1"),
+        (dict(method="egpo", top_p=0.9), "egpo: its self_play_ipo loss is not corrected"),
+        (dict(method="sppo", samples_per_prompt=4, temperature=1.6), "sppo: its sppo loss"),
+        (dict(method="nash_prox", temperature=0.7), "nash_prox: .*top_p 1"),
         (dict(win_rate_prompts=-1), "win_rate_prompts must be >= 0"),
     ],
 )

@@ -10,6 +10,7 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
+from klalign import NashMPConfig, NashMPTrainer
 from klalign.oracles.build import OracleArguments, build_oracle
 from klalign.oracles.preference_models import (
     PAIR_TEMPLATE,
@@ -19,7 +20,6 @@ from klalign.oracles.preference_models import (
 )
 from klalign.testbed.bandit import SingleTokenBandit
 from klalign.testbed.metrics import TestbedMetricsCallback
-from klalign.trainers.nash import NashMPConfig, NashMPTrainer
 
 TEXTS = ["It was great, thanks!", "Awful.", "Fine, I think, fine, fine, fine, I think so, really fine."]
 

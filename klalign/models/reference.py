@@ -22,6 +22,7 @@ from accelerate.utils import is_peft_model
 
 from klalign.models.placement import gathered_for_generation
 from klalign.ops.logprobs import token_logprobs
+from klalign.ops.modules import evaluation_mode
 
 
 class Reference:
@@ -62,8 +63,9 @@ class Reference:
 
     @torch.no_grad()
     def token_logprobs(self, policy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-token log pi_ref of the completion tokens, zero elsewhere. (B, T) -> (B, T-1)"""
-        with self.forward_model(policy) as model:
+        """Per-token log pi_ref of the completion tokens, zero elsewhere, in eval mode (a disabled adapter leaves
+        the base model's own dropout, which must not run here). (B, T) -> (B, T-1)"""
+        with self.forward_model(policy) as model, evaluation_mode(model):
             return token_logprobs(model, **batch)
 
     def sequence_logprobs(self, policy, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -32,14 +32,15 @@ def prox_policy_gradient_loss(logps: torch.Tensor, ref_logps: torch.Tensor, anch
     REINFORCE with the baseline 1/2 for the preference term; each KL by the score function with the
     per-token log-ratios' reward-to-go (unbiased for the sequence-level KL's gradient; exactly the k2
     gradient on one token). `logps` (B, T) with gradients, the others (B, T) detached, `win` (B,);
-    `weights` (B,): truncated importance weights of samples drawn by another sampler (klalign.ops.importance).
+    `weights` (B, T) per token or (B,) per sequence: truncated importance weights of samples drawn by another
+    sampler (klalign.ops.importance), None for samples of pi_theta itself.
     Returns the surrogate and the per-sequence parts (B, 3): win, KL to pi_ref, KL to pi_k (k1).
     """
     kl_ref = (logps.detach() - ref_logps) * mask  # (B, T) per-token log-ratios
     kl_anchor = (logps.detach() - anchor_logps) * mask
     advantage = (win - 0.5)[:, None] - beta * reward_to_go(kl_ref) - anchor_coef * reward_to_go(kl_anchor)  # (B, T)
     if weights is not None:
-        advantage = weights[:, None] * advantage
+        advantage = (weights if weights.dim() == 2 else weights[:, None]) * advantage
     surrogate = -(advantage * logps * mask).sum(1).mean()
     return surrogate, torch.stack([win, kl_ref.sum(1), kl_anchor.sum(1)], dim=1)
 

@@ -27,12 +27,18 @@ import torch
 from transformers.utils import logging
 
 from klalign.data.prompts import stored_prompt
-from klalign.ops.importance import estimate_weights, mismatch_metrics, sample_statistics
-from klalign.ops.kl import kl_k3
+from klalign.ops.importance import (
+    at_scored_positions,
+    importance_weights,
+    mismatch_metrics,
+    sample_statistics,
+    weighted_kl,
+)
 from klalign.ops.preference_losses import PREFERENCE_LOSSES, get_preference_loss
 from klalign.oracles.base import PreferenceOracle, RewardOracle
 from klalign.trainers.enhancers import ENHANCERS, PairProposal
-from klalign.trainers.online import OnlineConfig, OnlineTrainer
+from klalign.trainers.online import OnlineTrainer
+from klalign.trainers.online_config import OnlineConfig
 
 logger = logging.get_logger(__name__)
 
@@ -85,12 +91,6 @@ class IterativeDPOTrainer(OnlineTrainer):
         self.enhancer = enhancer_cls(self)
         self.preference_loss = get_preference_loss(args.loss_type)
 
-    def steps_per_round(self) -> int:
-        """An upper bound (the schedule's length): every round's pairs kept, all rounds trained on."""
-        pairs = self.args.prompts_per_round * (self.args.num_rounds if self.args.train_on == "all" else 1)
-        batches = -(-pairs // (self.args.per_device_train_batch_size * self.args.world_size))
-        return self.args.epochs_per_round * batches
-
     # ---- collect: propose pairs, ask the oracle, keep the labelled pairs ----
 
     def collect(self, round_index: int, prompts: list) -> list[dict]:
@@ -125,16 +125,21 @@ class IterativeDPOTrainer(OnlineTrainer):
 
     @torch.no_grad()
     def _main_statistics(self, proposals: list[PairProposal]) -> list[dict]:
-        """Per main-agent sample: log pi_t(y) - log pi_ref(y) (the round's KL estimates, k1 and k3), log pi_t(y),
-        and the sampler's log-prob and mismatch (`klalign.ops.importance`)."""
+        """Per main-agent sample: log pi_t(y) - log pi_ref(y), the sample's k1 and k3 estimates of the KL
+        (importance-weighted toward pi_t when another sampler drew it), and the sampler's log-prob, mismatch
+        and clipping (`klalign.ops.importance`)."""
         mains = [p.main for p in proposals]
         batch = self.batch([c.prompt_ids for c in mains], [c.completion_ids for c in mains])
+        mask = batch["completion_mask"][:, 1:]  # (B, T-1): the scored positions
         token_logps = self.frozen_policy_token_logprobs(batch)  # (B, T-1)
-        policy = token_logps.sum(dim=1)  # (B,)
-        logratio = (policy - self.reference_logprobs(batch)).tolist()
-        sampled = sample_statistics(token_logps, batch["completion_mask"], mains)
-        return [{"main_logratio": l, "main_policy_logprob": s, **{f"main_{k}": v for k, v in stats.items()}}
-                for l, s, stats in zip(logratio, policy.tolist(), sampled)]
+        token_logratio = token_logps - self.reference.token_logprobs(self.model_wrapped, batch)  # (B, T-1)
+        sampler = at_scored_positions([c.sampler_logprobs for c in mains], batch["completion_mask"])
+        weights = importance_weights(token_logps, sampler, mask, self.args.importance_correction,
+                                     self.args.importance_cap)
+        k1, k3 = weighted_kl(token_logratio, mask, weights)  # (B,) each
+        sampled = sample_statistics(token_logps, batch["completion_mask"], mains, self.args.importance_cap)
+        return [{"main_logratio": l, "main_kl_k1": a, "main_kl_k3": b, **{f"main_{k}": v for k, v in stats.items()}}
+                for l, a, b, stats in zip((token_logratio * mask).sum(1).tolist(), k1.tolist(), k3.tolist(), sampled)]
 
     @staticmethod
     def _row(p: PairProposal, a_wins: bool | None) -> dict:
@@ -172,10 +177,12 @@ class IterativeDPOTrainer(OnlineTrainer):
         ref_logps = self._pair_reference(train_rows)  # (N, 2), fixed for the round
         rank, world = self.args.process_index, self.args.world_size
         global_batch = self.args.per_device_train_batch_size * world
+        starts = range(0, len(train_rows) - world + 1, global_batch)  # every process gets >= 1 pair
+        self.begin_update(self.args.epochs_per_round * len(starts))
         losses, margins = [], []
         for _ in range(self.args.epochs_per_round):
             order = torch.randperm(len(train_rows)).tolist()
-            for start in range(0, len(order) - world + 1, global_batch):  # every process gets >= 1 pair
+            for start in starts:
                 batch = order[start : start + global_batch]
                 idx = batch[rank::world]
                 per_pair, margin = self._pair_loss([train_rows[i] for i in idx], ref_logps[idx])
@@ -188,8 +195,7 @@ class IterativeDPOTrainer(OnlineTrainer):
         return self._round_metrics(rows, train_rows, losses, margins)
 
     def _all_rows(self, round_index: int, rows: list[dict]) -> list[dict]:
-        older = [r for past in range(round_index) for r in self.store.round_rows(past)]
-        return older + rows
+        return self.stored_rows(range(round_index)) + rows
 
     def _pair_batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Chosen rows then rejected rows, (2B, T), like TRL's preference collator."""
@@ -234,14 +240,10 @@ class IterativeDPOTrainer(OnlineTrainer):
             "rewards/accuracies": sum(m > 0 for m in margins) / max(len(margins), 1),
             "oracle_queries": sum(r["oracle_queries"] for r in rows),
         }
-        logratios = torch.tensor([r["main_logratio"] for r in rows], dtype=torch.float64)
-        if len(logratios):  # with importance_correction, weighted toward the training policy (klalign.ops.importance)
-            weights = estimate_weights(rows, "main_policy_logprob", "main_sampler_logprob",
-                                       self.args.importance_correction, self.args.importance_cap)
-            weights = torch.ones_like(logratios) if weights is None else weights
-            metrics["kl_k1"] = (weights * logratios).mean().item()
-            metrics["kl_k3"] = (weights * kl_k3(logratios)).mean().item()
-            metrics.update(mismatch_metrics(rows, prefix="main_"))
+        if rows:  # with importance_correction, weighted toward the training policy (klalign.ops.importance)
+            metrics["kl_k1"] = sum(r["main_kl_k1"] for r in rows) / len(rows)
+            metrics["kl_k3"] = sum(r["main_kl_k3"] for r in rows) / len(rows)
+            metrics.update(mismatch_metrics(rows, prefix="main_", cap=self.args.importance_cap))
         rewards = [r["main_reward"] for r in rows if r["main_reward"] is not None]
         if rewards:
             metrics["main_reward"] = sum(rewards) / len(rewards)

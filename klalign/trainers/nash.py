@@ -44,9 +44,7 @@ are compared with pi_ref and pi_k (win rates; their queries are counted apart fr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from transformers.utils import logging
 
@@ -66,11 +64,11 @@ from klalign.models.snapshots import (
     take_snapshot,
 )
 from klalign.ops.importance import (
+    at_scored_positions,
+    importance_weights,
     mismatch_metrics,
     sample_statistics,
-    truncated_weights,
 )
-from klalign.ops.kl import kl_k3
 from klalign.ops.logprobs import token_logprobs
 from klalign.ops.nash_losses import (
     prox_policy_gradient_loss,
@@ -78,90 +76,15 @@ from klalign.ops.nash_losses import (
     sppo_loss,
 )
 from klalign.oracles.base import PreferenceOracle
-from klalign.runs.seeding import derived_seed
+from klalign.trainers.nash_config import NLHFConfig
 from klalign.trainers.nash_methods import (
     LOSS_FUNCTIONS,
     LOSS_METRIC,
-    METHODS,
-    NashMethod,
 )
-from klalign.trainers.online import OnlineConfig, OnlineTrainer
+from klalign.trainers.nash_win_rates import win_rates
+from klalign.trainers.online import OnlineTrainer
 
 logger = logging.get_logger(__name__)
-
-
-@dataclass
-class NLHFConfig(OnlineConfig):
-    """Settings of Nash-MP and the other NLHF methods of `NLHFTrainer` (plus OnlineConfig and TrainingArguments)."""
-
-    method: str = field(default="nash_mp", metadata={"help": f"The iteration, one of {list(METHODS)}."})
-    eta: float = field(
-        default=2.0,
-        metadata={"help": "Prox step size eta (Tiapkin et al.: eta = 2) of nash_mp, mirror_descent, nash_md, sppo "
-                          "and nash_prox; Nash-MD needs eta * beta <= 1. online_ipo and egpo step by the learning rate."},
-    )
-    inner_steps: int = field(
-        default=4, metadata={"help": "M: optimizer steps per prox step (egpo: 1 is the paper's extragradient step)."}
-    )
-    samples_per_prompt: int = field(
-        default=2,
-        metadata={"help": "Pairs per prompt in every inner step; sppo: K samples of pi_k per prompt (>= 2), all "
-                          "K(K-1)/2 pairs queried."},
-    )
-    sample_labels: bool = field(
-        default=False, metadata={"help": "Train on 0/1 labels drawn from P(y > y') instead of the probability."}
-    )
-    win_rate_prompts: int = field(
-        default=16, metadata={"help": "Prompts per round for the win rates of pi_{k+1} vs pi_ref and pi_k (0: none)."}
-    )
-    win_rate_samples: int = field(default=1, metadata={"help": "Samples per win-rate prompt (2 queries each)."})
-    anneal_prox_steps: bool = field(
-        default=False,
-        metadata={"help": "Cosine-decay the learning rate within every prox step, restarting at the next one "
-                          "(replaces lr_scheduler_type): a prox step is a stochastic optimisation, and a constant "
-                          "step size leaves it a noise floor."},
-    )
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
-        if self.eta <= 0:
-            raise ValueError(f"eta must be > 0, got {self.eta}")
-        if self.method == "nash_md" and self.eta * self.beta > 1:
-            raise ValueError(f"nash_md needs eta * beta <= 1 for its mixture, got {self.eta * self.beta:.3g}")
-        for name in ("inner_steps", "samples_per_prompt", "win_rate_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.method == "sppo" and self.samples_per_prompt < 2:
-            raise ValueError(f"sppo compares samples of pi_k with each other: samples_per_prompt must be >= 2, "
-                             f"got {self.samples_per_prompt}")
-        if self.win_rate_prompts < 0:
-            raise ValueError(f"win_rate_prompts must be >= 0, got {self.win_rate_prompts}")
-        super().__post_init__()
-
-    on_policy = True  # the estimators need samples of pi_theta (or pi_k) itself
-
-    def equal_work_counts(self) -> dict[str, int]:
-        return {**super().equal_work_counts(), "win_rate_prompts": self.win_rate_prompts}
-
-    @property
-    def nash_method(self) -> NashMethod:
-        return METHODS[self.method]
-
-    @property
-    def prox_steps(self) -> tuple[str, ...]:
-        """Names of the prox steps of one iteration."""
-        return self.nash_method.phases
-
-    @property
-    def anchor_coef(self) -> float:
-        """c, the weight of KL(pi_theta||pi_k) in the policy-gradient prox loss (module docstring)."""
-        return 1 / self.eta - (self.beta if self.method == "nash_md" else 0.0)
-
-    @property
-    def ref_weight(self) -> float:
-        """w = eta beta / (1 + eta beta): pi_ref's share of the merged anchor ref^w pi_k^(1-w) (sppo, nash_prox)."""
-        return self.eta * self.beta / (1 + self.eta * self.beta)
 
 
 class NLHFTrainer(OnlineTrainer):
@@ -180,6 +103,7 @@ class NLHFTrainer(OnlineTrainer):
         super().__init__(model, ref_model, args, train_dataset, processing_class, oracle, peft_config, callbacks)
         self.win_rate_pool = self.prompts if eval_dataset is None else list(eval_dataset["prompt"])
         self.method = args.nash_method
+        self.round_schedule = not args.anneal_prox_steps  # annealing restarts the schedule at every prox step
         self._mismatch: list[dict] = []  # the round's sampler/learner mismatch, per sample (klalign.ops.importance)
         if args.generation_backend == "vllm" and args.method == "nash_md":
             logger.warning("nash_md: the opponent is a token-level geometric mixture of the policy and pi_ref, which vLLM "
@@ -201,7 +125,7 @@ class NLHFTrainer(OnlineTrainer):
             self._created_lr_scheduler = True  # private: klalign.internals
         return self.lr_scheduler
 
-    def _chunks_per_step(self) -> int:
+    def chunks_per_step(self) -> int:
         return math.ceil(self.args.prompts_per_round / self.args.prompts_per_chunk)
 
     @property
@@ -315,10 +239,10 @@ class NLHFTrainer(OnlineTrainer):
             metrics.update({f"{name}/{k}": v for k, v in stats.items()})
             queries += used
         metrics["loss"] = metrics[f"full/{LOSS_METRIC[self.method.loss]}"]
-        metrics.update(mismatch_metrics(self._mismatch))
+        metrics.update(mismatch_metrics(self._mismatch, cap=self.args.importance_cap))
         self._mismatch = []
-        metrics.update(self._query_counts("preference_queries", queries))
-        metrics.update(self._win_rates(round_index, anchor))
+        metrics.update(self.query_counts("preference_queries", queries))
+        metrics.update(win_rates(self, round_index, anchor))
         return metrics
 
     def _prox_step(self, round_index: int, phase: int, first_rows, anchor: dict, opponent: dict):
@@ -349,7 +273,7 @@ class NLHFTrainer(OnlineTrainer):
         rows = []
         for j, start in enumerate(range(0, len(prompts), size)):
             chunk = prompts[start : start + size][rank::world]
-            chunk_index = step * self._chunks_per_step() + j
+            chunk_index = step * self.chunks_per_step() + j
             key = ("opponent", round_index, step // self.args.inner_steps)  # pi_k or pi_k+1/2 of this round
             rows += self.collected(round_index, chunk_index, lambda: self._sample_pairs(chunk, step, opponent, key))
         return rows
@@ -362,8 +286,8 @@ class NLHFTrainer(OnlineTrainer):
         would invalidate."""
         if anchor is None:
             return None
-        with torch.no_grad(), swapped(self._policy, anchor):
-            return token_logprobs(self.model_wrapped, **batch)
+        with swapped(self._policy, anchor):
+            return self.frozen_policy_token_logprobs(batch)
 
     def _mean_over_processes(self, values: list[torch.Tensor]) -> list[float]:
         return self.accelerator.reduce(torch.stack(values), "mean").tolist()
@@ -377,7 +301,7 @@ class NLHFTrainer(OnlineTrainer):
         logps = token_logprobs(self.model_wrapped, **batch)  # (B, T-1), with gradients
         anchor_logps = logps.detach() if anchor_logps is None else anchor_logps
         win = torch.tensor([r["label"] for r in rows], dtype=logps.dtype, device=logps.device)  # (B,)
-        weights = self._importance_weights(rows, logps.detach(), batch)  # (B,): 1 without correction
+        weights = self._importance_weights(rows, logps.detach(), batch)  # (B, T-1), (B,) or None
         surrogate, parts = prox_policy_gradient_loss(logps, ref_logps, anchor_logps, mask, win, self.args.beta,
                                                      self.args.anchor_coef, weights)
         win_rate, kl_ref, kl_anchor = self._mean_over_processes(list(parts.mean(0)))
@@ -435,70 +359,24 @@ class NLHFTrainer(OnlineTrainer):
     def _restore_optimizer_state(self, saved) -> None:
         restore_optimizer_state(self.optimizer, saved)
 
-    def _importance_weights(self, rows: list[dict], logps: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Truncated importance weights of the rows' samples toward pi_theta (klalign.ops.importance), and the
-        sampler/learner mismatch of the step recorded for the round's metrics. (B,)"""
-        sampled = sample_statistics(logps, batch["completion_mask"],
-                                    [Completion(None, [], [], "", r.get("sampler_logprobs")) for r in rows])
+    def _importance_weights(self, rows: list[dict], logps: torch.Tensor, batch: dict) -> torch.Tensor | None:
+        """Truncated importance weights of the rows' samples toward pi_theta (klalign.ops.importance): (B, T-1)
+        per token, (B,) per sequence, None without a correction; and the sampler/learner mismatch of the step,
+        recorded for the round's metrics."""
+        sampler = [r.get("sampler_logprobs") for r in rows]
+        sampled = sample_statistics(logps, batch["completion_mask"], [Completion(None, [], [], "", s) for s in sampler],
+                                    self.args.importance_cap)
         self._mismatch += [x for x in sampled if x["mismatch_sum"] is not None]
-        ones = torch.ones(len(rows), dtype=logps.dtype, device=logps.device)
-        if self.args.importance_correction == "none" or any(x["sampler_logprob"] is None for x in sampled):
-            return ones
-        sampler = torch.tensor([x["sampler_logprob"] for x in sampled], dtype=logps.dtype, device=logps.device)
-        return truncated_weights(logps.sum(dim=1), sampler, self.args.importance_cap)
+        return importance_weights(logps, at_scored_positions(sampler, batch["completion_mask"]),
+                                  batch["completion_mask"][:, 1:], self.args.importance_correction,
+                                  self.args.importance_cap)
 
     # ---- metrics ----
 
-    def _query_counts(self, name: str, this_round: int) -> dict[str, float]:
+    def query_counts(self, name: str, this_round: int) -> dict[str, float]:
         """This round's count and the running total (from the logged history, so resume continues it)."""
         before = next((h[name] for h in reversed(self.state.log_history) if name in h), 0)
         return {name: before + this_round, f"{name}_round": this_round}
 
-    def _win_rates(self, round_index: int, anchor: dict) -> dict[str, float]:
-        """Win rates of pi_{k+1} against pi_ref and pi_k on fresh samples, and KL(pi_{k+1}||pi_ref)."""
-        if self.args.win_rate_prompts == 0:
-            return {}
-        rng = np.random.default_rng(derived_seed(self.args.seed, round_index, "win_rate_prompts"))
-        n = self.args.win_rate_prompts
-        pool = self.win_rate_pool
-        prompts = [pool[i] for i in rng.choice(len(pool), n, replace=n > len(pool))]
-        rank, world, size = self.args.process_index, self.args.world_size, self.args.prompts_per_chunk
-        first_chunk = self.steps_per_round() * self._chunks_per_step()
-        rows = []
-        for j, start in enumerate(range(0, n, size)):
-            chunk = prompts[start : start + size][rank::world]
-            rows += self.collected(round_index, first_chunk + j, lambda: self._win_rate_rows(chunk, anchor))
-        vs_ref = torch.tensor([r["win_vs_reference"] for r in rows], dtype=torch.float64)
-        vs_prev = torch.tensor([r["win_vs_previous"] for r in rows], dtype=torch.float64)
-        logratio = torch.tensor([r["logratio"] for r in rows], dtype=torch.float64)
-        sem = lambda x: (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else float("nan")
-        return {
-            "win_rate/vs_reference": vs_ref.mean().item(), "win_rate/vs_reference_sem": sem(vs_ref),
-            "win_rate/vs_previous": vs_prev.mean().item(), "win_rate/vs_previous_sem": sem(vs_prev),
-            "kl_k1": logratio.mean().item(), "kl_k3": kl_k3(logratio).mean().item(),
-            **self._query_counts("eval_queries", sum(r["oracle_queries"] for r in rows)),
-        }
 
-    def _win_rate_rows(self, prompts: list, anchor: dict) -> list[dict]:
-        n = self.args.win_rate_samples
-        ours = [c for per_prompt in self.generate(prompts, n) for c in per_prompt]
-        refs = self.generate_reference(prompts, n)
-        with swapped(self._policy, anchor):
-            previous = self.generate(prompts, n, weights=("pi_k", self.state.global_step))
-        refs, previous = [c for p in refs for c in p], [c for p in previous for c in p]
-        texts = [c.prompt for c in ours]
-        vs_ref = self.oracle.preference(texts, [c.text for c in ours], [c.text for c in refs])  # (N,)
-        vs_prev = self.oracle.preference(texts, [c.text for c in ours], [c.text for c in previous])  # (N,)
-        batch = self.batch([c.prompt_ids for c in ours], [c.completion_ids for c in ours])
-        logratio = self.frozen_policy_logprobs(batch) - self.reference_logprobs(batch)  # (N,)
-        return [
-            {"prompt": stored_prompt(y.prompt), "completion": y.text, "reference_completion": r.text,
-             "previous_completion": q.text, "win_vs_reference": a, "win_vs_previous": b, "logratio": lr,
-             "oracle_queries": 2}
-            for y, r, q, a, b, lr in zip(ours, refs, previous, vs_ref.tolist(), vs_prev.tolist(), logratio.tolist())
-        ]
-
-
-# The trainer's name before it ran every NLHF method; kept so that existing code keeps working.
-NashMPConfig = NLHFConfig
-NashMPTrainer = NLHFTrainer
+NashMPTrainer = NLHFTrainer  # the name before the trainer ran every NLHF method

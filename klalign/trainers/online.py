@@ -23,33 +23,29 @@ checkpoint are replayed from the store: their updates are recomputed, their feed
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
+import math
 import os
-import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerState
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import TrainOutput
-from transformers.utils import logging as hf_logging
 
 import klalign
-from klalign.config.checks import check_training_config
 from klalign.data.datasets import validate_prompt_dataset
 from klalign.generation.sample import sample_completions
 from klalign.generation.types import GenerationArguments
-from klalign.models.placement import check_equal_work, decided_on_main, prepare_frozen
+from klalign.models.placement import decided_on_main, prepare_frozen
 from klalign.models.reference import Reference
 from klalign.ops.batching import completion_batch
 from klalign.ops.logprobs import sequence_logprobs, token_logprobs
+from klalign.ops.modules import disable_dropout, evaluation_mode
 from klalign.runs.feedback import FeedbackStore
-from klalign.runs.integrity import write_checksums
 from klalign.runs.manifest import (
     MANIFEST,
     args_settings,
@@ -57,80 +53,14 @@ from klalign.runs.manifest import (
     digest,
     model_fingerprint,
 )
-from klalign.runs.resume import ResumePlan, describe, plan_resume, round_checkpoints
+from klalign.runs.resume import ResumePlan, describe, plan_resume
+from klalign.runs.round_checkpoints import save_round_checkpoint
 from klalign.runs.seeding import derived_seed, seed_everything
+from klalign.trainers.guards import stop_if_not_finite, warn_if_far
+from klalign.trainers.online_config import OnlineConfig
+from klalign.trainers.schedule import RoundClock, advance, schedule_length
 
 ROUND_SUMMARY = ("loss", "kl_k3", "main_reward", "oracle_reward", "win_rate/vs_reference", "oracle_queries")
-
-
-@dataclass
-class OnlineConfig(TrainingArguments, GenerationArguments):
-    """Rounds, sampling and KL settings shared by the online trainers (plus all TrainingArguments and the
-    sampling settings of GenerationArguments)."""
-
-    beta: float = field(default=0.1, metadata={"help": "KL coefficient beta of J = E r - beta KL(pi || pi_ref)."})
-    num_rounds: int = field(default=4, metadata={"help": "Rounds of (collect feedback, update the policy)."})
-    prompts_per_round: int = field(default=32, metadata={"help": "Prompts drawn per round (all processes)."})
-    prompts_per_chunk: int = field(
-        default=8, metadata={"help": "Prompts per stored collection chunk: the unit of work a killed run can lose."}
-    )
-    importance_correction: str = field(
-        default="none",
-        metadata={"help": "'truncated': weight each sample's policy-gradient and KL-estimate terms by "
-                          "min(pi_train(y) / pi_sampler(y), importance_cap), for samples not drawn from the training "
-                          "model itself (vLLM's kernels and dtype, another temperature): truncated importance "
-                          "sampling, as TRL and OpenRLHF correct vLLM samples. 'none': no weights."},
-    )
-    importance_cap: float = field(default=2.0, metadata={"help": "Truncation of the importance weights (> 1)."})
-    save_every_rounds: int = field(
-        default=1,
-        metadata={"help": "Checkpoint every this many rounds (and after the last). A resumed run replays "
-                          "later rounds from the stored feedback, so a larger value never re-queries the oracle."},
-    )
-    feedback_dir: str | None = field(
-        default=None, metadata={"help": "Where collected feedback is stored; default: <output_dir>/feedback."}
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model code from checkpoint folders to run (off by default)."}
-    )
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bfloat16 mixed precision; default: on when a bf16 GPU is present."}
-    )
-
-    def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        check_training_config(self)
-        for name in ("num_rounds", "prompts_per_round", "prompts_per_chunk", "save_every_rounds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.generation_args()  # validates temperature, top_p, max_new_tokens, the backend
-        if self.importance_correction not in ("none", "truncated") or self.importance_cap <= 1:
-            raise ValueError(f"importance_correction must be 'none' or 'truncated' and importance_cap > 1, got "
-                             f"{self.importance_correction!r}, {self.importance_cap}")
-        if self.on_policy and self.importance_correction == "none" and (self.temperature != 1.0 or self.top_p != 1.0):
-            raise ValueError(f"{type(self).__name__}: the policy gradient and the KL estimates need samples from pi "
-                             f"itself: set temperature 1 and top_p 1 (got {self.temperature}, {self.top_p}), or "
-                             "importance_correction: truncated")
-        super().__post_init__()
-        if self.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps}: the online trainers take one "
-                "optimizer step per batch and do not accumulate; set gradient_accumulation_steps: 1 (also in the "
-                "DeepSpeed config) and size the batch with per_device_train_batch_size")
-        check_equal_work(self.world_size, **self.equal_work_counts())
-
-    on_policy = False  # True: the trainer's estimates need samples of pi itself (temperature 1, top_p 1)
-
-    def equal_work_counts(self) -> dict[str, int]:
-        """Counts of prompts each chunk of work is split by across processes (see `check_equal_work`):
-        with both a multiple of the number of processes, so is every chunk, the last one included."""
-        return {"prompts_per_round": self.prompts_per_round, "prompts_per_chunk": self.prompts_per_chunk}
-
-    def generation_args(self, temperature: float | None = None) -> GenerationArguments:
-        """The sampling settings as `klalign.generation` takes them (every field of GenerationArguments)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationArguments)}
-        return GenerationArguments(**{**values, **({} if temperature is None else {"temperature": temperature})})
 
 
 class OnlineTrainer(Trainer):
@@ -158,6 +88,10 @@ class OnlineTrainer(Trainer):
 
             seed_everything(derived_seed(args.seed, "adapter init"))  # the same adapter in every process and run
             model = get_peft_model(model, peft_config)
+        if args.disable_dropout:  # after the adapter is added: LoRA's dropout too
+            for module in (model, ref_model):
+                if module is not None:
+                    disable_dropout(module)
         if ref_model is None and not is_peft_model(model):
             raise ValueError("ref_model is required unless the policy is a PEFT model (its disabled adapter is the reference)")
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
@@ -171,6 +105,8 @@ class OnlineTrainer(Trainer):
         self.oracle = oracle.prepare(self.accelerator) if oracle is not None else None
         self.store = FeedbackStore(args.feedback_dir or Path(args.output_dir) / "feedback")
         self._engine, self._weights_version = None, 0  # the vLLM engine (generation_backend: vllm)
+        self.clock = RoundClock()  # where the learning-rate schedule is within the run
+        self.round_schedule = True  # False: a subclass's scheduler steps once per optimizer step
 
     def collection_settings(self, model, ref_model, oracle, peft_config) -> dict:
         """The run manifest's settings (klalign.runs.manifest): models, oracle, prompts, every config field
@@ -198,8 +134,13 @@ class OnlineTrainer(Trainer):
         raise NotImplementedError
 
     def steps_per_round(self) -> int:
-        """Optimizer steps per round, for the learning-rate schedule (an upper bound is fine)."""
+        """Optimizer steps per round, before the round's data is in (`begin_update` gives the exact count)."""
         return 1
+
+    def begin_update(self, num_steps: int) -> None:
+        """Called by `update` with the number of optimizer steps it is about to take: the learning-rate
+        schedule spreads the round's share of the run over exactly those steps."""
+        self.clock.begin(self.clock.round_index, num_steps)
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -209,7 +150,7 @@ class OnlineTrainer(Trainer):
         checkpoint = plan.checkpoint
         if checkpoint is not None and not self.is_deepspeed_enabled:
             self._load_from_checkpoint(checkpoint)  # private: klalign.internals
-        max_steps = self.args.num_rounds * self.steps_per_round()
+        max_steps = schedule_length(self.args.num_rounds)  # the schedule runs over rounds (klalign.trainers.schedule)
         self.state = TrainerState(max_steps=max_steps, logging_steps=1, save_steps=1)
         self.model_wrapped, _ = self._prepare_for_training(max_steps, None, checkpoint)  # private: klalign.internals
         if checkpoint is not None:
@@ -227,7 +168,13 @@ class OnlineTrainer(Trainer):
             self.model_wrapped.train()
             self._phase(round_index, "updating")
             seed_everything(derived_seed(self.args.seed, round_index, "update"))
+            self.clock.begin(round_index, self.steps_per_round())  # refined by `begin_update` with the exact count
             metrics = {"round": round_index, **self.update(round_index, rows)}
+            if self.round_schedule:
+                advance(self.lr_scheduler, self.clock.end())
+            stop_if_not_finite(self.accelerator, f"round {round_index}", **{
+                k: v for k, v in metrics.items() if k in ("loss", "kl_k1", "kl_k3") and isinstance(v, (int, float))})
+            warn_if_far(metrics, round_index, self.args.kl_warning_threshold)
             self.state.epoch = round_index + 1
             self.log_round(round_index, metrics)
             last = round_index == self.args.num_rounds - 1
@@ -295,7 +242,7 @@ class OnlineTrainer(Trainer):
         Trainers whose samples depend on parameters that change within a round (Nash-MP's inner
         steps) call this inside `update` with chunk indices of their own.
         """
-        stored = self.store.chunk(round_index, chunk_index)
+        stored = decided_on_main(lambda: self.store.chunk(round_index, chunk_index))  # one view of the store
         if stored is not None:
             return stored
         rank, world = self.args.process_index, self.args.world_size
@@ -312,6 +259,12 @@ class OnlineTrainer(Trainer):
 
     # ---- helpers for subclasses ------------------------------------------------------------------
 
+    def stored_rows(self, rounds) -> list[dict]:
+        """The stored rows of earlier rounds, as the main process reads them (every process trains on the
+        same rows even where a shared filesystem shows processes different views)."""
+        rounds = list(rounds)
+        return decided_on_main(lambda: [row for r in rounds for row in self.store.round_rows(r)])
+
     def generate(self, prompts: list, num_samples: int, temperature: float | None = None, weights=None):
         """Sampled completions (token ids kept) from the policy, with the weights now in the model.
 
@@ -326,9 +279,9 @@ class OnlineTrainer(Trainer):
                                   sampler_logprobs=self._sampler_differs(args))
 
     def _sampler_differs(self, args: GenerationArguments) -> bool:
-        """Whether HF sampling should report its log-probs: when its law is not the training policy's, or
-        a correction needs them (vLLM always reports them)."""
-        return self.args.importance_correction != "none" or args.temperature != 1.0 or args.top_p != 1.0
+        """Whether HF sampling should report its log-probs: when its law is not the training policy's (HF at
+        temperature 1 and top_p 1 samples from the policy itself; vLLM always reports them)."""
+        return args.temperature != 1.0 or args.top_p != 1.0
 
     def weights_changed(self) -> None:
         """The trainable weights changed outside an optimizer step (a reset): vLLM gets them pushed again."""
@@ -360,23 +313,32 @@ class OnlineTrainer(Trainer):
         """`s_ref(y)` (`klalign.models.reference.Reference`). (B,)"""
         return self.reference.sequence_logprobs(self.model_wrapped, batch)
 
-    @torch.no_grad()
     def frozen_policy_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`s(y)` under the current policy without gradients. (B,)"""
-        return sequence_logprobs(self.model_wrapped, **batch)
+        """`s(y)` under the current policy without gradients, in eval mode (no dropout). (B,)"""
+        return self.frozen_policy_token_logprobs(batch).sum(dim=1)
 
     @torch.no_grad()
     def frozen_policy_token_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-token log-probs of the completions under the current policy, without gradients. (B, T-1)"""
-        return token_logprobs(self.model_wrapped, **batch)
+        """Per-token log-probs of the completions under the current policy, without gradients, in eval mode
+        (no dropout: pi_old, anchors and KL estimates are the policy's own, not a random subnetwork's). (B, T-1)"""
+        with evaluation_mode(self.model_wrapped):
+            return token_logprobs(self.model_wrapped, **batch)
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
-        """Backward, clip, step, schedule; one global step."""
+        """Backward, clip, step, schedule; one global step. A non-finite loss or gradient norm stops the run
+        (klalign.trainers.guards) before the step is taken."""
+        where = f"round {self.clock.round_index}, optimizer step {self.state.global_step + 1}"
+        stop_if_not_finite(self.accelerator, where, loss=loss.detach().item())
         self.accelerator.backward(loss)
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.model_wrapped.parameters(), self.args.max_grad_norm)
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else math.inf
+        norm = self.accelerator.clip_grad_norm_(self.model_wrapped.parameters(), max_norm)
+        if norm is not None:  # DeepSpeed clips inside its step and reports no norm here
+            stop_if_not_finite(self.accelerator, where, gradient_norm=float(norm))
         self.optimizer.step()
-        self.lr_scheduler.step()
+        if self.round_schedule:
+            advance(self.lr_scheduler, self.clock.after_step())
+        else:
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
         self._weights_version += 1
@@ -384,52 +346,4 @@ class OnlineTrainer(Trainer):
     # ---- checkpoints -----------------------------------------------------------------------------
 
     def _save_round_checkpoint(self, round_index: int) -> None:
-        """Model, optimizer, scheduler and trainer state, written to a temporary folder, checksummed, then
-        renamed: a folder under its final name is whole and verifiable (klalign.runs.integrity)."""
-        final = Path(self.args.output_dir) / f"checkpoint-round-{round_index:05d}"
-        tmp = final.with_name(f".tmp-{final.name}")
-        if self.args.should_save and tmp.exists():
-            shutil.rmtree(tmp)
-        self.accelerator.wait_for_everyone()
-        with quiet_saving():
-            self.save_model(str(tmp), _internal_call=True)  # private: klalign.internals
-            self._save_optimizer_and_scheduler(str(tmp))  # private: klalign.internals
-        self.accelerator.wait_for_everyone()  # every process has written its shards before the checksums
-        if self.args.should_save:
-            self.state.save_to_json(str(tmp / "trainer_state.json"))
-            (tmp / "online_round.json").write_text(json.dumps({"round": round_index}))
-            write_checksums(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._rotate_round_checkpoints()
-        self.accelerator.wait_for_everyone()
-
-    def _rotate_round_checkpoints(self) -> None:
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        for old in round_checkpoints(self.args.output_dir)[limit:]:  # newest first
-            shutil.rmtree(old, ignore_errors=True)
-
-
-class quiet_saving:
-    """Saving prints nothing unless something is wrong: no "Writing model shards" bars, no deprecation
-    warnings that transformers and DeepSpeed repeat at every save."""
-
-    def __enter__(self):
-        import warnings
-
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        self._bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        return self
-
-    def __exit__(self, *exc):
-        if self._bars:
-            hf_logging.enable_progress_bar()
-        self._warnings.__exit__(*exc)
-
+        save_round_checkpoint(self, round_index)

@@ -53,14 +53,18 @@ import torch
 
 from klalign.data.prompts import restored_prompt, stored_prompt
 from klalign.ops.importance import (
+    at_scored_positions,
+    importance_weights,
     mismatch_metrics,
     sample_statistics,
-    truncated_weights,
+    weighted_kl,
 )
 from klalign.ops.kl import kl_k3
+from klalign.ops.logprobs import token_logprobs
 from klalign.oracles.base import BradleyTerryPreference, PreferenceOracle, RewardOracle
 from klalign.runs.seeding import derived_seed
-from klalign.trainers.online import OnlineConfig, OnlineTrainer
+from klalign.trainers.online import OnlineTrainer
+from klalign.trainers.online_config import OnlineConfig
 from klalign.trainers.reward_learning import (
     FEATURE_MAPS,
     REWARD_LEARNERS,
@@ -175,9 +179,8 @@ class OptimisticKLTrainer(OnlineTrainer):
             self._ask_rewards(prompts, rows)
         else:
             self._ask_preferences(prompts, rows)
-        policy, reference, sampled = self._sample_logprobs(rows, [c for group in samples for c in group])
-        for row, s, s_ref, stats in zip(rows, policy.tolist(), reference.tolist(), sampled):
-            row.update(logprobs=s, ref_logprobs=s_ref, **stats)
+        for row, stats in zip(rows, self._sample_logprobs(rows, [c for group in samples for c in group])):
+            row.update(stats)
         return rows
 
     def _ask_rewards(self, prompts: list, rows: list[dict]) -> None:
@@ -200,24 +203,42 @@ class OptimisticKLTrainer(OnlineTrainer):
                        oracle_queries=len(pairs))
 
     @torch.no_grad()
-    def _sample_logprobs(self, rows: list[dict], completions: list) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-        """s(y) under the policy (pi_old of the update) and the reference, every sample, (G, k) each; and per
-        prompt the sampler's log-probs of its k samples and their mismatch (`klalign.ops.importance`)."""
-        policy, reference, sampled = [], [], []
-        k = self.args.samples_per_prompt
-        size = self.args.per_device_train_batch_size // k  # prompts per batch
+    def _sample_logprobs(self, rows: list[dict], completions: list) -> list[dict]:
+        """Per prompt, for each of its k samples: s(y) under the policy (pi_old of the update) and the reference,
+        pi_old's per-token log-probs (token-level PPO ratios), the sampler's per-token log-probs, the KL
+        estimates (importance-weighted toward pi_old), and the mismatch (`klalign.ops.importance`)."""
+        k, args = self.args.samples_per_prompt, self.args
+        size = args.per_device_train_batch_size // k  # prompts per batch
+        out = []
         for start in range(0, len(rows), size):
+            group = completions[start * k : (start + size) * k]
             batch = self._sample_batch(rows[start : start + size])
+            mask = batch["completion_mask"][:, 1:]  # (B * k, T-1)
             token_logps = self.frozen_policy_token_logprobs(batch)  # (B * k, T-1)
-            policy.append(token_logps.sum(dim=1).double().cpu())
-            reference.append(self.reference_logprobs(batch).double().cpu())
-            sampled += sample_statistics(token_logps, batch["completion_mask"], completions[start * k : (start + size) * k])
-        per_prompt = [sampled[g * k : (g + 1) * k] for g in range(len(rows))]
-        stats = [{"sampler_logprobs": None if s[0]["sampler_logprob"] is None else [x["sampler_logprob"] for x in s],
-                  "mismatch_sum": None if s[0]["mismatch_sum"] is None else sum(x["mismatch_sum"] for x in s),
-                  "mismatch_max": None if s[0]["mismatch_max"] is None else max(x["mismatch_max"] for x in s),
-                  "mismatch_tokens": sum(x["mismatch_tokens"] for x in s)} for s in per_prompt]
-        return torch.cat(policy).view(-1, k), torch.cat(reference).view(-1, k), stats
+            token_ref = self.reference.token_logprobs(self.model_wrapped, batch)  # (B * k, T-1)
+            sampler = at_scored_positions([c.sampler_logprobs for c in group], batch["completion_mask"])
+            weights = importance_weights(token_logps, sampler, mask, args.importance_correction, args.importance_cap)
+            k1, k3 = weighted_kl(token_logps - token_ref, mask, weights)  # (B * k,) each
+            sampled = sample_statistics(token_logps, batch["completion_mask"], group, args.importance_cap)
+            scored = [row[m.bool()].tolist() for row, m in zip(token_logps.double().cpu(), mask.cpu())]
+            per_sample = list(zip(token_logps.sum(1).tolist(), token_ref.sum(1).tolist(), scored, k1.tolist(),
+                                  k3.tolist(), sampled, [c.sampler_logprobs for c in group]))
+            for g in range(len(per_sample) // k):
+                mine = per_sample[g * k : (g + 1) * k]
+                stats = [s for *_, s, _ in mine]
+                out.append({
+                    "logprobs": [x[0] for x in mine], "ref_logprobs": [x[1] for x in mine],
+                    "token_logprobs": [x[2] for x in mine], "kl_k1": [x[3] for x in mine], "kl_k3": [x[4] for x in mine],
+                    "sampler_token_logprobs": None if mine[0][6] is None else [x[6] for x in mine],
+                    "sampler_logprobs": None if stats[0]["sampler_logprob"] is None else [s["sampler_logprob"] for s in stats],
+                    "train_logprob": sum(s["train_logprob"] or 0.0 for s in stats),
+                    "sampler_logprob": None if stats[0]["sampler_logprob"] is None else sum(s["sampler_logprob"] for s in stats),
+                    "mismatch_sum": None if stats[0]["mismatch_sum"] is None else sum(s["mismatch_sum"] for s in stats),
+                    "mismatch_max": None if stats[0]["mismatch_max"] is None else max(s["mismatch_max"] for s in stats),
+                    "mismatch_tokens": sum(s["mismatch_tokens"] for s in stats),
+                    "clipped_tokens": None if stats[0]["clipped_tokens"] is None else sum(s["clipped_tokens"] for s in stats),
+                })
+        return out
 
     def _sample_batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Every sample of the rows' prompts, prompt by prompt: (G * k, T)."""
@@ -230,7 +251,7 @@ class OptimisticKLTrainer(OnlineTrainer):
         """Features, feedback and bootstrap weights of one round (its rows, or the stored ones), cached."""
         if round_index in self.feedback:
             return self.feedback[round_index]
-        rows = self.store.round_rows(round_index) if rows is None else rows
+        rows = self.stored_rows([round_index]) if rows is None else rows
         k = self.args.samples_per_prompt
         prompts = [restored_prompt(row["prompt"], f"feedback store {self.store.directory}") for row in rows for _ in range(k)]
         phi = self.feature_map(prompts, [r for row in rows for r in row["responses"]])  # (G * k, d)
@@ -282,10 +303,6 @@ class OptimisticKLTrainer(OnlineTrainer):
                                                          learner.optimistic(phi)))  # (G, k) each
         old = torch.tensor([row["logprobs"] for row in rows], dtype=torch.float64)  # (G, k) s(y) under pi_old
         ref = torch.tensor([row["ref_logprobs"] for row in rows], dtype=torch.float64)  # (G, k)
-        weights = torch.ones_like(old)  # (G, k): truncated importance weights toward pi_old (klalign.ops.importance)
-        if args.importance_correction != "none" and all(row.get("sampler_logprobs") for row in rows):
-            sampler = torch.tensor([row["sampler_logprobs"] for row in rows], dtype=torch.float64)
-            weights = truncated_weights(old, sampler, args.importance_cap)
         shaped = r_tilde - args.beta * (old - ref) if args.kl_penalty == "k1_in_reward" else r_tilde
         advantages = k / (k - 1) * (shaped - shaped.mean(1, keepdim=True))  # (G, k) R_i - mean_{j!=i} R_j
 
@@ -296,39 +313,60 @@ class OptimisticKLTrainer(OnlineTrainer):
             order = mine[torch.randperm(len(mine))]
             for start in range(0, len(order), size):
                 idx = order[start : start + size]
-                loss, clip_fraction = self._policy_loss([rows[i] for i in idx], advantages[idx] * weights[idx], old[idx],
-                                                        ref[idx])
+                loss, clip_fraction = self._policy_loss([rows[i] for i in idx], advantages[idx], ref[idx])
                 self.optimizer_step(loss)
                 losses.append(loss.item())
                 clipped.append(clip_fraction)
-        return self._round_metrics(rows, r_hat, bonus, r_tilde, old - ref, losses, clipped, weights)
+        return self._round_metrics(rows, r_hat, bonus, r_tilde, losses, clipped)
 
-    def _policy_loss(self, rows: list[dict], advantages, old, ref) -> tuple[torch.Tensor, float]:
-        """Clipped-ratio RLOO loss (+ beta * k3 with `k3_in_loss`) of B prompts' samples; (B, k) inputs."""
-        device, k = self.args.device, self.args.samples_per_prompt
-        logps = self.policy_logprobs(self._sample_batch(rows)).view(-1, k)  # (B, k) with gradients
-        advantages, old, ref = (x.to(device=device, dtype=logps.dtype) for x in (advantages, old, ref))
-        ratio = torch.exp(logps - old)  # 1 on a round's first step: the exact policy gradient
-        clipped_ratio = ratio.clamp(1 - self.args.clip_range, 1 + self.args.clip_range)
-        loss = -torch.min(ratio * advantages, clipped_ratio * advantages).mean()
-        if self.args.kl_penalty == "k3_in_loss":
-            loss = loss + self.args.beta * kl_k3(logps - ref).mean()
-        clip_fraction = ((ratio - 1).abs() > self.args.clip_range).float().mean().item()
+    def _policy_loss(self, rows: list[dict], advantages, ref) -> tuple[torch.Tensor, float]:
+        """Clipped-ratio RLOO loss (+ beta * k3 with `k3_in_loss`) of B prompts' samples; (B, k) inputs.
+
+        The PPO ratio pi / pi_old and the importance weight toward pi_old (when another sampler drew the
+        samples) are taken per token (`importance_correction: token` or none) or per sequence (`sequence`);
+        per token, sum_t min(r_t A, clip(r_t) A) has the sequence REINFORCE gradient A grad s(y) at r_t = 1."""
+        args = self.args
+        batch = self._sample_batch(rows)
+        mask = batch["completion_mask"][:, 1:]  # (B * k, T-1)
+        token_logps = token_logprobs(self.model_wrapped, **batch)  # (B * k, T-1) with gradients
+        old = at_scored_positions([t for row in rows for t in row["token_logprobs"]], batch["completion_mask"])
+        sampler = at_scored_positions([t for row in rows for t in (row["sampler_token_logprobs"] or [None])],
+                                      batch["completion_mask"])
+        advantages = advantages.flatten().to(device=token_logps.device, dtype=token_logps.dtype)  # (B * k,)
+        old = old.to(token_logps)
+        if args.importance_correction == "sequence":
+            ratio = torch.exp((token_logps - old).mul(mask).sum(1))  # (B * k,)
+            scaled = advantages
+            weights = importance_weights(old, sampler, mask, "sequence", args.importance_cap)
+        else:
+            ratio = torch.exp((token_logps - old) * mask)  # (B * k, T-1): 1 off the completion
+            scaled = advantages[:, None] * mask
+            weights = importance_weights(old, sampler, mask, args.importance_correction, args.importance_cap)
+        if weights is not None:
+            scaled = scaled * weights
+        clipped_ratio = ratio.clamp(1 - args.clip_range, 1 + args.clip_range)
+        objective = torch.min(ratio * scaled, clipped_ratio * scaled)  # (B * k) or (B * k, T-1)
+        loss = -(objective if objective.dim() == 1 else objective.sum(1)).mean()
+        if args.kl_penalty == "k3_in_loss":
+            logps = (token_logps * mask).sum(1)
+            loss = loss + args.beta * kl_k3(logps - ref.flatten().to(logps)).mean()
+        outside = ((ratio - 1).abs() > args.clip_range).float()
+        clip_fraction = (outside.mean() if outside.dim() == 1 else (outside * mask).sum() / mask.sum()).item()
         return loss, clip_fraction
 
-    def _round_metrics(self, rows, r_hat, bonus, r_tilde, logratio, losses, clipped, weights) -> dict[str, float]:
+    def _round_metrics(self, rows, r_hat, bonus, r_tilde, losses, clipped) -> dict[str, float]:
         """Means over the round's samples: the learner's rewards, the oracle's, KL of the sampling policy."""
         metrics = {
             "loss": sum(losses) / max(len(losses), 1),
             "reward_optimistic": r_tilde.mean().item(),
             "reward_fitted": r_hat.mean().item(),
             "bonus": bonus.mean().item(),
-            "kl_k1": (weights * logratio).mean().item(),
-            "kl_k3": (weights * kl_k3(logratio)).mean().item(),
+            "kl_k1": sum(sum(row["kl_k1"]) for row in rows) / (len(rows) * self.args.samples_per_prompt),
+            "kl_k3": sum(sum(row["kl_k3"]) for row in rows) / (len(rows) * self.args.samples_per_prompt),
             "clip_fraction": sum(clipped) / max(len(clipped), 1),
             "oracle_queries": sum(row["oracle_queries"] for row in rows),
             "feedback_points": sum(len(f.data()[-1]) for f in self.feedback.values()),
-            **mismatch_metrics(rows),
+            **mismatch_metrics(rows, cap=self.args.importance_cap),
         }
         if rows[0]["rewards"] is not None:
             rewards = [r for row in rows for r in row["rewards"]]

@@ -1,0 +1,161 @@
+"""The online loop at the settings users run: log-probs that must be exact are taken without dropout, the
+learning-rate schedule lasts exactly as long as the run, and a diverging run stops with one line."""
+
+import logging
+import math
+
+import pytest
+import torch
+from peft import LoraConfig
+from test_iterative_dpo import make_trainer as make_iterative
+from transformers import PrinterCallback, TrainerCallback
+
+from klalign import DivergenceError, OptimisticKLConfig, OptimisticKLTrainer
+from klalign.ops.importance import at_scored_positions
+from klalign.ops.kl import kl_k3
+from klalign.ops.logprobs import token_logprobs
+from klalign.oracles.base import BradleyTerryPreference
+from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
+from klalign.trainers.reward_learning import TabularFeatures
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    bandit = SingleTokenBandit.random(num_prompts=4, num_actions=6, seed=0)
+    folder = tmp_path_factory.mktemp("bed")
+    bandit.save(folder)
+    return bandit, folder
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def with_attention_dropout(model, rate: float):
+    """Llama reads its attention dropout from a float on each attention layer (no nn.Dropout module)."""
+    model.config.attention_dropout = rate
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = rate
+    return model
+
+
+class SelfKL(TrainerCallback):
+    """After every round: k3 of the policy against itself (two no-grad log-prob passes of one batch) and of
+    the reference (the disabled adapter: the base model's own dropout) against itself."""
+
+    def __init__(self):
+        self.trainer, self.history = None, []
+
+    def on_log(self, args, state, control, **kwargs):
+        t = self.trainer
+        bandit = t.bandit
+        prompts = [t.processing_class(p).input_ids for p in bandit.prompts for _ in range(8)]
+        actions = [[bandit.action_token_ids[i % bandit.num_actions], t.processing_class.eos_token_id]
+                   for i in range(len(prompts))]
+        batch = t.batch(prompts, actions)
+        policy = [t.frozen_policy_token_logprobs(batch).sum(1) for _ in range(2)]
+        reference = [t.reference.token_logprobs(t.model_wrapped, batch).sum(1) for _ in range(2)]
+        self.history.append((kl_k3(policy[0] - policy[1]).max().item(),
+                             kl_k3(reference[0] - reference[1]).max().item(), t.model_wrapped.training))
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_log_probs_that_must_be_exact_see_no_dropout(bed, tmp_path, disable):
+    """LoRA with lora_dropout 0.1 on a model with attention dropout 0.1, the reference its disabled adapter.
+    In every round (not only round 0, before the first update puts the model in train mode): k3 of the
+    policy against itself and of the reference against itself is exactly 0 (no-grad log-probs in eval
+    mode), and, with dropout off (the default, as TRL), the first PPO ratio of each round is exactly 1."""
+    bandit, folder = bed
+    spy = SelfKL()
+    args = OptimisticKLConfig(
+        output_dir=str(tmp_path), beta=0.5, num_rounds=3, prompts_per_round=4, prompts_per_chunk=4,
+        samples_per_prompt=4, per_device_train_batch_size=8, max_new_tokens=1, learning_rate=0.05,
+        lr_scheduler_type="constant", use_cpu=True, report_to="none", seed=0, disable_dropout=disable,
+    )
+    trainer = OptimisticKLTrainer(
+        model=with_attention_dropout(bandit.build_model(), 0.1), ref_model=None, args=args,
+        train_dataset=bandit.prompt_dataset(), processing_class=bandit.tokenizer, oracle=TestbedReward(bandit),
+        feature_map=TabularFeatures(torch.eye(24).view(4, 6, 24), bandit.prompts, bandit.actions), callbacks=[spy],
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.bandit, spy.trainer = bandit, trainer
+    first_ratios, loss_fn = [], trainer._policy_loss
+
+    def first_ratio(rows, advantages, ref):
+        if len(first_ratios) < trainer.clock.round_index + 1:  # the round's first mini-batch
+            batch = trainer._sample_batch(rows)
+            with torch.no_grad():
+                logps = token_logprobs(trainer.model_wrapped, **batch)  # as the loss takes them: train mode
+            old = at_scored_positions([t for row in rows for t in row["token_logprobs"]], batch["completion_mask"])
+            mask = batch["completion_mask"][:, 1:].bool()
+            first_ratios.append((logps.double() - old)[mask].exp())
+        return loss_fn(rows, advantages, ref)
+
+    trainer._policy_loss = first_ratio
+    trainer.train()
+    assert len(spy.history) == 3 and all(training for *_, training in spy.history[1:])  # train mode after round 0
+    assert all(policy == 0.0 and reference == 0.0 for policy, reference, _ in spy.history), spy.history
+    assert len(first_ratios) == 3
+    if disable:
+        assert all(torch.equal(r, torch.ones_like(r)) for r in first_ratios), first_ratios
+    else:  # dropout kept: the update's forward pass is a random subnetwork, pi_old is not
+        assert any(not torch.equal(r, torch.ones_like(r)) for r in first_ratios[1:])
+
+
+# ----------------------------------------------------------------------------- the learning-rate schedule
+
+
+def test_linear_decay_reaches_zero_at_the_last_optimizer_step_of_the_last_round(bed, tmp_path):
+    """Iterative DPO trains on every round so far and drops ties, so rounds take different numbers of steps
+    (here 2, 4, 6 x epochs) that no estimate made before the run knows. The schedule runs over rounds: the
+    learning rate decays linearly through each round's own steps, is (1 - (r + 1) / R) lr at the end of round
+    r and reaches 0 exactly at the last optimizer step of the last round."""
+    bandit, folder = bed
+    trainer = make_iterative(folder, tmp_path, bandit, BradleyTerryPreference(TestbedReward(bandit)), num_rounds=3,
+                             prompts_per_round=16, prompts_per_chunk=16, per_device_train_batch_size=8,
+                             epochs_per_round=2, learning_rate=5e-4, lr_scheduler_type="linear")
+    after, rounds, step = [], [], trainer.optimizer_step
+
+    def recording(loss):
+        step(loss)
+        after.append(trainer.lr_scheduler.get_last_lr()[0])  # the rate the next step would take
+        rounds.append(trainer.clock.round_index)
+
+    trainer.optimizer_step = recording
+    trainer.train()
+    assert after[-1] == 0.0 and all(lr > 0 for lr in after[:-1]), after
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    ends = [after[i] for i in range(len(after)) if i == len(after) - 1 or rounds[i + 1] != rounds[i]]
+    assert ends == pytest.approx([5e-4 * (1 - (r + 1) / 3) for r in range(3)], abs=1e-12), ends
+    counts = [rounds.count(r) for r in range(3)]
+    assert len(set(counts)) > 1, counts  # rounds of different lengths: an up-front estimate could not be exact
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_a_non_finite_loss_stops_the_run_naming_round_and_step_and_writes_no_checkpoint(bed, tmp_path):
+    """A learning rate of 1e30 overflows the weights at the first step: the second step's loss is NaN. The run
+    stops there with a `DivergenceError` naming the round and the optimizer step (a recipe prints it as one
+    line and exits with status 2); no checkpoint of the diverged round exists."""
+    bandit, folder = bed
+    trainer = make_iterative(folder, tmp_path, bandit, BradleyTerryPreference(TestbedReward(bandit)), num_rounds=2,
+                             prompts_per_round=16, prompts_per_chunk=16, per_device_train_batch_size=8,
+                             learning_rate=1e30)
+    with pytest.raises(DivergenceError, match=r"round 0, optimizer step \d+: loss nan"):
+        trainer.train()
+    assert not list(tmp_path.glob("checkpoint-round-*")) and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_kl_above_the_threshold_warns_once_per_round(bed, tmp_path, caplog):
+    bandit, folder = bed
+    trainer = make_iterative(folder, tmp_path, bandit, BradleyTerryPreference(TestbedReward(bandit)), num_rounds=3,
+                             prompts_per_round=16, prompts_per_chunk=16, per_device_train_batch_size=8,
+                             learning_rate=0.05, kl_warning_threshold=1e-9)
+    with caplog.at_level(logging.WARNING, logger="klalign.trainers.guards"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "kl_warning_threshold" in r.getMessage()]
+    kls = [h["kl_k3"] for h in trainer.state.log_history if "kl_k3" in h]
+    assert len(warnings) == sum(kl > 1e-9 for kl in kls) >= 2, (warnings, kls)
+    assert all(math.isfinite(kl) for kl in kls)
