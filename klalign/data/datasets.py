@@ -7,35 +7,28 @@ Two dataset kinds are supported, in the formats TRL 1.16 defines:
   ``rejected`` both start with it (TRL's implicit-prompt format, split with :func:`trl.data_utils.extract_prompt`);
 * prompt-only: a ``prompt`` column of strings or of message lists.
 
-Data is read from ``.json`` (an array of objects, or JSON Lines), ``.jsonl``, ``.parquet`` and ``.csv`` files, or
-from a folder written by ``Dataset.save_to_disk``. Every problem is reported as a :class:`DataError` that names the
-file, the 0-based row and the field, listing the first few offending rows at once so a user can fix them in one go.
-Catching bad data here costs seconds; finding it after a model has been loaded costs minutes.
+Data is read (by `klalign.data.readers`, with `datasets`' own readers) from ``.json`` (an array of objects, or
+JSON Lines), ``.jsonl``, ``.parquet`` and ``.csv`` files, or from a folder written by ``Dataset.save_to_disk``.
+Every problem is reported as a :class:`DataError` that names the file, the 0-based row and the field, listing the
+first few offending rows at once so a user can fix them in one go. Catching bad data here costs seconds; finding
+it after a model has been loaded costs minutes.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
-from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
-from datasets.table import InMemoryTable
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from transformers.utils import logging
-
-logger = logging.get_logger(__name__)
 from trl.data_utils import extract_prompt
 
+from klalign.data.readers import Problems, read_source
 from klalign.errors import ConfigError, DataError
 
-ACCEPTED_SOURCES = "a .json, .jsonl, .parquet or .csv file, or a folder written by Dataset.save_to_disk"
+logger = logging.get_logger(__name__)
+
 ROLES = ("system", "user", "assistant", "tool")  # the roles TRL's data utilities know
-MAX_REPORTED = 5  # offending rows listed in one error; the rest are only counted
 TOKENIZE_BATCH = 1024  # prompts rendered and tokenized per call when checking lengths
 
 FORMATS = {"standard": "a string (standard format)", "conversational": "a list of messages (conversational format)"}
@@ -45,7 +38,7 @@ PREFERENCE_COLUMNS = (
 )
 PROMPT_COLUMNS = "a prompt dataset needs a 'prompt' column"
 
-Columns = dict[str, list]  # column name -> one Python value per row
+Columns = dict[str, list]  # column name -> one Python value per row (the validated columns of a Dataset)
 
 
 @dataclasses.dataclass
@@ -72,33 +65,6 @@ class DataArguments:
 
 
 
-class _Problems:
-    """Collects problems found while scanning rows, so that one DataError can list the first few of them."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.count = 0
-        self.shown: list[str] = []
-
-    def add(self, location: str, what: str) -> None:
-        self.count += 1
-        if len(self.shown) < MAX_REPORTED:
-            self.shown.append(f"{location}: {what}")
-
-    def add_row(self, row: int, field: str, what: str) -> None:
-        self.add(f"row {row}, field {field!r}", what)
-
-    def raise_if_any(self, summary: str) -> None:
-        """Raise one DataError listing the problems found so far, if any."""
-        if not self.count:
-            return
-        lines = [f"{self.source}: {summary} ({self.count} found; rows are 0-based):"]
-        lines += [f"  {problem}" for problem in self.shown]
-        if self.count > len(self.shown):
-            lines.append(f"  ... and {self.count - len(self.shown)} more")
-        raise DataError("\n".join(lines))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Public API
 
@@ -114,7 +80,7 @@ def load_preference_dataset(path, *, tokenizer=None, max_length: int | None = No
     rejects them naming the rows, "drop" leaves them out and says how many.
     """
     _check_length_arguments(tokenizer, max_length)
-    data = _validate_preference(_read_source(path, split), str(path), tokenizer, max_length)
+    data = _validate_preference(read_source(path, split), str(path), tokenizer, max_length)
     return _identical_pairs(data, str(path), identical_pairs)
 
 
@@ -124,7 +90,7 @@ def load_prompt_dataset(path, *, tokenizer=None, max_length: int | None = None, 
     Arguments are as for :func:`load_preference_dataset`; extra columns are kept.
     """
     _check_length_arguments(tokenizer, max_length)
-    return _validate_prompts(_read_source(path, split), str(path), tokenizer, max_length)
+    return _validate_prompts(read_source(path, split), str(path), tokenizer, max_length)
 
 
 def validate_preference_dataset(
@@ -171,27 +137,27 @@ def validate_prompt_dataset(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Validation. `data` is a Dataset, or the columns of a JSON/CSV file: those stay Python values until validated,
-# because Arrow refuses a column whose rows mix types without saying which row is at fault.
+# Validation. A column whose rows mix types (a string here, a list of messages there) reaches it as Python values:
+# datasets' JSON reader keeps such a column as JSON, so that the row at fault can be named here.
 
 
-def _validate_preference(data: Dataset | Columns, source: str, tokenizer, max_length: int | None) -> Dataset:
-    """Check a preference dataset, extract an implicit prompt, check prompt lengths; return it as a Dataset."""
+def _validate_preference(data: Dataset, source: str, tokenizer, max_length: int | None) -> Dataset:
+    """Check a preference dataset, extract an implicit prompt, check prompt lengths; return it."""
     columns = _required_columns(data, source, ["chosen", "rejected"], PREFERENCE_COLUMNS, optional=["prompt"])
     implicit_prompt = "prompt" not in columns
     data_format = _check_rows(columns, list(columns), source)
     if implicit_prompt:
         columns = _extract_prompts(columns, source)
     _check_prompt_lengths(columns["prompt"], data_format, source, tokenizer, max_length)
-    return _as_dataset(data, columns if implicit_prompt else {}, source)
+    return _with_columns_first(data, columns) if implicit_prompt else data
 
 
-def _validate_prompts(data: Dataset | Columns, source: str, tokenizer, max_length: int | None) -> Dataset:
-    """Check a prompt-only dataset and its prompt lengths; return it as a Dataset."""
+def _validate_prompts(data: Dataset, source: str, tokenizer, max_length: int | None) -> Dataset:
+    """Check a prompt-only dataset and its prompt lengths; return it."""
     columns = _required_columns(data, source, ["prompt"], PROMPT_COLUMNS)
     data_format = _check_rows(columns, ["prompt"], source)
     _check_prompt_lengths(columns["prompt"], data_format, source, tokenizer, max_length)
-    return _as_dataset(data, {}, source)
+    return data
 
 
 def _check_length_arguments(tokenizer, max_length: int | None) -> None:
@@ -211,25 +177,24 @@ def _require_dataset(dataset, source: str) -> None:
         raise TypeError(f"{source}: expected a datasets.Dataset, got {type(dataset).__name__}")
 
 
-def _required_columns(data, source: str, required: list[str], expected: str, optional: tuple | list = ()) -> Columns:
+def _required_columns(
+    data: Dataset, source: str, required: list[str], expected: str, optional: tuple | list = ()
+) -> Columns:
     """Return the required (and present optional) columns as Python lists, after checking the data has rows."""
-    names = data.column_names if isinstance(data, Dataset) else list(data)
-    num_rows = data.num_rows if isinstance(data, Dataset) else len(next(iter(data.values()), []))
-    if num_rows == 0:
+    names = data.column_names
+    if data.num_rows == 0:
         raise DataError(f"{source}: the dataset has no rows")
     missing = [name for name in required if name not in names]
     if missing:
         listed = ", ".join(repr(name) for name in missing)
         raise DataError(f"{source}: missing column {listed}; columns present: {names}; {expected}")
     wanted = [name for name in (*optional, *required) if name in names]
-    if isinstance(data, Dataset):
-        return data.with_format(None, columns=wanted)[:]
-    return {name: data[name] for name in wanted}
+    return data.with_format(None, columns=wanted)[:]
 
 
 def _check_rows(columns: Columns, fields: list[str], source: str) -> str:
     """Check every value of `fields` and that all rows share one format; return it ("standard"/"conversational")."""
-    problems = _Problems(source)
+    problems = Problems(source)
     first = None  # (format, row) of the first well-formed row
     for row, values in enumerate(zip(*(columns[field] for field in fields))):
         row_format = _row_format(row, dict(zip(fields, values)), problems)
@@ -248,7 +213,7 @@ def _check_rows(columns: Columns, fields: list[str], source: str) -> str:
     return first[0]
 
 
-def _row_format(row: int, values: dict[str, Any], problems: _Problems) -> str | None:
+def _row_format(row: int, values: dict[str, Any], problems: Problems) -> str | None:
     """Check one row's fields; return their common format, or None after recording what is wrong."""
     formats = {}
     for field, value in values.items():
@@ -312,7 +277,7 @@ def _message_problem(message: Any) -> str | None:
 
 def _extract_prompts(columns: Columns, source: str) -> Columns:
     """Split implicit-prompt rows into prompt/chosen/rejected with TRL's extract_prompt, checking nothing empties."""
-    problems = _Problems(source)
+    problems = Problems(source)
     extracted: Columns = {"prompt": [], "chosen": [], "rejected": []}
     for row, (chosen, rejected) in enumerate(zip(columns["chosen"], columns["rejected"])):
         example = extract_prompt({"chosen": chosen, "rejected": rejected})
@@ -346,7 +311,7 @@ def _check_prompt_lengths(prompts: list, data_format: str, source: str, tokenize
     conversational = data_format == "conversational"
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source}: the prompts are conversational but the tokenizer has no chat template")
-    problems = _Problems(source)
+    problems = Problems(source)
     for start in range(0, len(prompts), TOKENIZE_BATCH):
         batch = prompts[start : start + TOKENIZE_BATCH]
         texts = _render_prompts(batch, start, tokenizer, problems) if conversational else batch
@@ -366,7 +331,7 @@ def _check_prompt_lengths(prompts: list, data_format: str, source: str, tokenize
     problems.raise_if_any(f"prompts too long for max_length={max_length}; shorten or drop these rows, or raise it")
 
 
-def _render_prompts(prompts: list, first_row: int, tokenizer, problems: _Problems) -> list[str | None]:
+def _render_prompts(prompts: list, first_row: int, tokenizer, problems: Problems) -> list[str | None]:
     """Render conversational prompts with the chat template; None for a prompt the template rejects (recorded)."""
     try:
         return tokenizer.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
@@ -374,7 +339,7 @@ def _render_prompts(prompts: list, first_row: int, tokenizer, problems: _Problem
         return [_render_prompt(prompt, row, tokenizer, problems) for row, prompt in enumerate(prompts, first_row)]
 
 
-def _render_prompt(prompt: list, row: int, tokenizer, problems: _Problems) -> str | None:
+def _render_prompt(prompt: list, row: int, tokenizer, problems: Problems) -> str | None:
     try:
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     except Exception as error:  # the template's own message (e.g. from raise_exception) is the useful report
@@ -382,137 +347,11 @@ def _render_prompt(prompt: list, row: int, tokenizer, problems: _Problems) -> st
         return None
 
 
-def _as_dataset(data: Dataset | Columns, updates: Columns, source: str) -> Dataset:
-    """Return `data` as a Dataset with the `updates` columns placed first (replacing any of the same name)."""
-    if isinstance(data, Dataset):
-        kept = [name for name in data.column_names if name not in updates]
-        if not updates or not kept:
-            return Dataset.from_dict(updates) if updates else data
-        # Flattening in memory first stops concatenate_datasets writing a cache file into a save_to_disk folder.
-        rest = data.select_columns(kept).flatten_indices(keep_in_memory=True)
-        return concatenate_datasets([Dataset.from_dict(updates), rest], axis=1)
-    columns = {**updates, **{name: values for name, values in data.items() if name not in updates}}
-    for name, values in columns.items():  # the checked columns convert; an extra one may still mix types
-        try:
-            columns[name] = pa.array(values)
-        except (pa.ArrowException, TypeError, ValueError) as error:
-            raise DataError(f"{source}: column {name!r} mixes value types across rows ({error})") from None
-    return Dataset(InMemoryTable(pa.table(columns)))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading files
-
-
-def _read_source(path, split: str) -> Dataset | Columns:
-    """Read a local file or save_to_disk folder: a Dataset, or Python columns for JSON and CSV (see above)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(
-            f"{path}: no such file or folder; expected {ACCEPTED_SOURCES} "
-            "(datasets are read from local paths only, never fetched from the Hugging Face Hub)"
-        )
-    if path.is_dir():
-        return _read_saved_dataset(path, split)
-    readers = {".json": _read_json, ".jsonl": _read_json_lines, ".parquet": _read_parquet, ".csv": _read_csv}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        kind = repr(path.suffix) if path.suffix else "(no extension)"
-        raise DataError(f"{path}: unsupported file type {kind}; expected {ACCEPTED_SOURCES}")
-    return reader(path)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error})") from None
-
-
-def _read_json(path: Path) -> Columns:
-    """Read a JSON array of row objects; a .json file holding JSON Lines (as Dataset.to_json writes) works too."""
-    text = _read_text(path)
-    if not text.strip():
-        return {}
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as error:
-        if error.msg == "Extra data":  # a first value parsed and more follow: JSON Lines
-            return _read_json_lines(path, text)
-        raise DataError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON array of row objects, or one object per line (JSON Lines)")
-    problems = _Problems(str(path))
-    for row, record in enumerate(rows):
-        if not isinstance(record, dict):
-            problems.add(f"row {row}", f"expected a JSON object, got {type(record).__name__}")
-    problems.raise_if_any("array items that are not row objects")
-    return _records_to_columns(rows, path)
-
-
-def _read_json_lines(path: Path, text: str | None = None) -> Columns:
-    """Parse one JSON object per line (blank lines skipped), naming the 1-based lines that fail; `text` if read."""
-    records, problems = [], _Problems(str(path))
-    for line_number, line in enumerate((text or _read_text(path)).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            problems.add(f"line {line_number}", f"invalid JSON ({error.msg} at column {error.colno})")
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            problems.add(f"line {line_number}", f"expected a JSON object, got {type(record).__name__}")
-    problems.raise_if_any("lines that are not JSON objects")
-    return _records_to_columns(records, path)
-
-
-def _read_csv(path: Path) -> Columns:
-    """Read a CSV file with a header row; every value is a string (so only the standard format fits in CSV)."""
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    records, problems = [], _Problems(str(path))
-    try:
-        for record in reader:
-            if None in record:  # DictReader files surplus values under the key None
-                problems.add(f"line {reader.line_num}", "has more values than the header has columns")
-            records.append(record)
-    except csv.Error as error:
-        raise DataError(f"{path}: invalid CSV at line {reader.line_num}: {error}") from None
-    problems.raise_if_any("malformed CSV lines")
-    return _records_to_columns(records, path)
-
-
-def _records_to_columns(records: list[dict], path: Path) -> Columns:
-    """Turn row objects into columns; a key absent from a row becomes None there (reported as missing)."""
-    names = list(dict.fromkeys(name for record in records for name in record))
-    if records and not names:
-        raise DataError(f"{path}: the rows hold no fields")
-    return {name: [record.get(name) for record in records] for name in names}
-
-
-def _read_parquet(path: Path) -> Dataset:
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as error:
-        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
-    return Dataset(InMemoryTable(table))
-
-
-def _read_saved_dataset(path: Path, split: str) -> Dataset:
-    """Load a save_to_disk folder; from a DatasetDict, take `split`."""
-    try:
-        saved = load_from_disk(str(path))
-    except FileNotFoundError as error:
-        raise DataError(
-            f"{path}: not a folder written by Dataset.save_to_disk or DatasetDict.save_to_disk ({error}); "
-            f"expected {ACCEPTED_SOURCES}"
-        ) from None
-    except (OSError, ValueError, pa.ArrowException) as error:
-        raise DataError(f"{path}: could not load the saved dataset ({error})") from None
-    if isinstance(saved, DatasetDict):
-        if split not in saved:
-            raise DataError(f"{path}: no split {split!r}; splits present: {list(saved)}")
-        return saved[split]
-    return saved
+def _with_columns_first(data: Dataset, updates: Columns) -> Dataset:
+    """`data` with the `updates` columns placed first (replacing any of the same name)."""
+    kept = [name for name in data.column_names if name not in updates]
+    if not kept:
+        return Dataset.from_dict(updates)
+    # Flattening in memory first stops concatenate_datasets writing a cache file into a save_to_disk folder.
+    rest = data.select_columns(kept).flatten_indices(keep_in_memory=True)
+    return concatenate_datasets([Dataset.from_dict(updates), rest], axis=1)
