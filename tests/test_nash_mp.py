@@ -476,7 +476,12 @@ def one_process_run(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "zero3"])
 def test_two_processes_replay_the_one_process_iterations(mode, one_process_run, tmp_path):
     """Given the 1-process run's stored pairs, 2 processes (DDP, or ZeRO-3 with gathered snapshots)
-    make the same prox steps: same logged estimates and final weights (1e-4; float32 sums reordered)."""
+    make the same prox steps: the same logged estimates (1e-4; measured <= 3e-7) and the same final weights up
+    to float32 sums reordered, which Adam amplifies where a weight's gradient is near zero (rows of unused
+    tokens): on this project's AMD machine 1 of 28,288 embedding weights differs by 1.2e-4 under ZeRO-3 (8e-5
+    under DDP; every other weight by < 3.1e-5), on the machine CI ran on before by < 1e-4. So: at most 0.1% of
+    the weights of any tensor differ by more than 1e-4, none by more than 2e-3 (two Adam steps at lr 1e-3);
+    a wrong gradient moves most weights by about the learning rate per step."""
     from safetensors.torch import load_file
 
     # The 1-process store adopted on purpose: without its manifest, and resumed (README "Runs that never lose data").
@@ -488,7 +493,8 @@ def test_two_processes_replay_the_one_process_iterations(mode, one_process_run, 
         assert [h[key] for h in logs[1]] == pytest.approx([h[key] for h in logs[0]], abs=1e-4), key
     weights = [load_file(str(n / "model.safetensors")) for n in (one_process_run, tmp_path)]
     for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, atol=1e-4, rtol=0)
+        diff = (weights[1][name] - value).abs()
+        assert diff.max() < 2e-3 and (diff > 1e-4).float().mean() < 1e-3, (name, diff.max().item())
 
 
 @pytest.mark.distributed

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_iterative_dpo import make_trainer
 
 from klalign.errors import DataError, ResumeError, RunMismatchError
-from klalign.evaluation.evaluate import find_checkpoints
+from klalign.evaluation.checkpoints import find_checkpoints
 from klalign.oracles.base import BradleyTerryPreference
 from klalign.runs.feedback import FeedbackStore
 from klalign.testbed.bandit import SingleTokenBandit, TestbedReward

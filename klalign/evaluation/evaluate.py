@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,11 +39,14 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import AutoConfig
+from transformers.utils import logging
 
 from klalign.config.parsing import parse_config
 from klalign.data.datasets import load_prompt_dataset
 from klalign.data.prompts import prompt_key
 from klalign.errors import INPUT_ERRORS, EvaluationError
+from klalign.evaluation.checkpoints import Checkpoint, check_tokenizer, find_checkpoints
+from klalign.evaluation.optimum import LOW_ESS, captured_gain, optimum_estimate
 from klalign.evaluation.report import markdown_table, write_outputs
 from klalign.evaluation.statistics import summarize, tilted_frontier_estimate
 from klalign.generation.types import GenerationArguments
@@ -69,17 +71,13 @@ from klalign.ops.batching import completion_batch
 from klalign.ops.logprobs import sequence_logprobs
 from klalign.oracles.base import RewardOracle
 from klalign.oracles.build import build_reward_oracle
-from klalign.runs.integrity import model_digest, weight_files
+from klalign.runs.integrity import model_digest
 from klalign.runs.manifest import digest
 from klalign.runs.prompt_jobs import prompt_groups, run_groups
 from klalign.runs.seeding import derived_seed
 
+logger = logging.get_logger(__name__)
 CACHE_VERSION = 2  # part of every cache key: bump it when what a cached result means changes
-CHECKPOINT_DIR = re.compile(r"^checkpoint-(?:round-)?(\d+)$")  # offline steps; online trainers' rounds
-SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
-
-
-
 @dataclass
 class EvaluationArguments:
     """What `klalign evaluate` compares. YAML keys map 1:1 onto these fields (sampling: GenerationArguments)."""
@@ -118,6 +116,11 @@ class EvaluationArguments:
         default="auto", metadata={"help": "Where models run: auto (a GPU when there is one, else the CPU), cpu, cuda, ..."}
     )
     seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every model)."})
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "KL coefficient of J = E r - beta KL(pi || pi_ref): with it, every model gets J, the captured "
+                          "gain G of the optimum J* and KL(pi || pi*) (klalign.evaluation.optimum)."},
+    )
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where converted GGUF and tiny models are cached (default ~/.cache/klalign)."}
     )
@@ -136,18 +139,9 @@ class EvaluationArguments:
         check(self.max_prompts is None or self.max_prompts >= 1, f"max_prompts must be >= 1, got {self.max_prompts}")
         check(self.logprob_batch_size >= 1, f"logprob_batch_size must be >= 1, got {self.logprob_batch_size}")
         check(self.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        check(self.beta is None or self.beta > 0, f"beta must be > 0 (the KL coefficient), got {self.beta}")
         check(not Path(self.output_dir).exists() or Path(self.output_dir).is_dir(),
               f"output_dir {self.output_dir!r} is a file, not a folder")
-
-
-@dataclass
-class Checkpoint:
-    """One model to evaluate: a full model folder, or a PEFT adapter folder loaded on the reference."""
-
-    name: str
-    path: Path
-    step: int | None
-    is_adapter: bool
 
 
 @dataclass
@@ -160,85 +154,6 @@ class EvaluationReport:
     frontier: list[dict]
     settings: dict
     paths: dict[str, str] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- finding and checking models
-
-
-def _as_checkpoint(folder: Path, name: str, step: int | None) -> Checkpoint:
-    """A checkpoint for a model folder, or an EvaluationError saying what the folder lacks."""
-    is_adapter = (folder / "adapter_config.json").is_file()
-    if not is_adapter and not (folder / "config.json").is_file():
-        raise EvaluationError(
-            f"checkpoint {str(folder)!r} is not a model folder (no config.json or adapter_config.json) "
-            "nor a run folder (no checkpoint-* subfolders)"
-        )
-    if not weight_files(folder):
-        raise EvaluationError(f"checkpoint {str(folder)!r} holds no weight files (model*.safetensors / *.bin)")
-    return Checkpoint(name, folder, step, is_adapter)
-
-
-def _final_step(run: Path) -> int | None:
-    state = run / "trainer_state.json"
-    return json.loads(state.read_text()).get("global_step") if state.is_file() else None
-
-
-def find_checkpoints(paths: list[str], include_final_model: bool = True) -> list[Checkpoint]:
-    """Expand run folders into their checkpoint-* (by step) and, optionally, their final model.
-
-    Names are the folder names ("checkpoint-32", "final"), or the full paths where those collide.
-    """
-    if not paths:
-        raise EvaluationError("no checkpoints to evaluate: set `checkpoints` (model, adapter or run folders)")
-    found = []
-    for given in paths:
-        folder = Path(given)
-        if not folder.is_dir():
-            raise EvaluationError(f"checkpoint {given!r} does not exist or is not a folder")
-        steps = sorted((int(m[1]), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT_DIR.match(p.name)))
-        if not steps:
-            found.append(_as_checkpoint(folder, folder.name, None))
-            continue
-        found += [_as_checkpoint(p, p.name, step) for step, p in steps]
-        if include_final_model and ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
-            found.append(_as_checkpoint(folder, "final", _final_step(folder)))
-    found = list({c.path.resolve(): c for c in found}.values())  # a folder given twice is evaluated once
-    names = [c.name for c in found]
-    if len(set(names)) < len(names):
-        for c in found:
-            c.name = str(c.path) if c.name != "final" else f"{c.path} (final)"
-    return found
-
-
-def check_tokenizer(checkpoint: Checkpoint, reference_tokenizer, reference_vocab_size: int) -> None:
-    """Raise unless the checkpoint tokenizes like the reference: same vocabulary and special tokens.
-
-    Log-ratios are taken on token ids that the reference's tokenizer produced, so any difference
-    would silently compare different strings. A folder without tokenizer files is checked through
-    its config's vocab_size only.
-    """
-    folder = checkpoint.path
-    where = f"checkpoint {str(folder)!r}"
-    if not checkpoint.is_adapter:
-        vocab_size = AutoConfig.from_pretrained(folder).vocab_size
-        if vocab_size != reference_vocab_size:
-            raise EvaluationError(
-                f"{where}: vocab_size {vocab_size} differs from the reference's {reference_vocab_size}"
-            )
-    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
-        return
-    tokenizer = load_tokenizer(str(folder))
-    vocab, ref_vocab = tokenizer.get_vocab(), reference_tokenizer.get_vocab()
-    if vocab != ref_vocab:
-        differ = sorted(set(vocab.items()) ^ set(ref_vocab.items()), key=str)
-        raise EvaluationError(
-            f"{where}: its tokenizer does not match the reference's ({len(vocab)} vs {len(ref_vocab)} tokens; "
-            f"{len(differ)} (token, id) entries differ, e.g. {differ[:3]})"
-        )
-    for name in SPECIAL_TOKENS:
-        ours, theirs = getattr(tokenizer, name), getattr(reference_tokenizer, name)
-        if ours != theirs:
-            raise EvaluationError(f"{where}: {name} is {ours!r} but the reference's is {theirs!r}")
 
 
 # ----------------------------------------------------------------------------- sampling and statistics
@@ -422,17 +337,30 @@ def evaluate_checkpoints(
         samples = _cached(cache / f"checkpoint-{plan.keys[checkpoint.name]}.json", sample_checkpoint)
         rows.append(summarize(checkpoint.name, samples, checkpoint.step, str(checkpoint.path),
                               np.asarray(ref_samples["rewards"])))
+        if args.beta is not None:
+            rows[-1].update(captured_gain(ref_samples["rewards"], samples["rewards"], samples["logratios"], args.beta,
+                                          args.seed))
 
     rewards = np.asarray(ref_samples["rewards"])  # (P, n)
     eps = level_mass(rewards, np.asarray(ref_samples["ref_logprobs"]),
                      [[tuple(ids) for ids in per] for per in ref_samples["completion_ids"]])
     ns = sorted({2**k for k in range(args.best_of_n_max.bit_length())} | {args.best_of_n_max})  # 1, 2, 4, ..., N_max
+    reference_row = summarize("reference", ref_samples, None, args.reference_model_path)
+    best_of_n = best_of_n_curve(rewards, eps, ns)
+    if args.beta is not None:
+        reference_row.update(optimum_estimate(rewards, args.beta, args.seed))
+        for row in best_of_n:  # best-of-N of pi_ref as a policy: its J by its reward and KL estimate
+            row["objective"] = row["reward"] - args.beta * row["kl_estimate"]
+        if reference_row["ess"] < LOW_ESS and PartialState().is_main_process:
+            logger.warning(f"beta {args.beta:g}: the reference samples' effective sample size is {reference_row['ess']:.1f} "
+                           f"per prompt (below {LOW_ESS:g}), where the log-mean-exp estimate of J* is biased low by "
+                           "more than its standard error (README): sample more (num_samples) or raise beta")
     report = EvaluationReport(
-        reference=summarize("reference", ref_samples, None, args.reference_model_path),
+        reference=reference_row,
         checkpoints=rows,
-        best_of_n=best_of_n_curve(rewards, eps, ns),
+        best_of_n=best_of_n,
         frontier=tilted_frontier_estimate(rewards, args.frontier_lambdas),
-        settings={**plan.settings, "best_of_n_max": args.best_of_n_max},
+        settings={**plan.settings, "best_of_n_max": args.best_of_n_max, "beta": args.beta},
     )
     if PartialState().is_main_process:
         report.paths = write_outputs(report, args.output_dir)

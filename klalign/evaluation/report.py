@@ -15,7 +15,9 @@ from pathlib import Path
 
 CSV_COLUMNS = [
     "kind", "name", "step", "n", "lam", "reward", "reward_se", "kl_k1", "kl_k1_se", "kl_k3", "kl_k3_se",
-    "win_rate", "win_rate_se", "kl_bound", "kl_estimate", "kl", "ess", "response_tokens", "path",
+    "win_rate", "win_rate_se", "kl_bound", "kl_estimate", "reward_empirical", "kl_empirical", "kl", "ess",
+    "beta", "j_star", "j_star_se", "objective", "objective_se", "gain", "gain_se", "kl_to_optimum",
+    "kl_to_optimum_se", "ess_min", "response_tokens", "path",
 ]
 
 
@@ -51,16 +53,22 @@ def markdown_table(report) -> str:
             f" | {_pm(row['kl_k3'], row['kl_k3_se'])} | {_pm(row['win_rate'], row['win_rate_se'])}"
             f" | {row['response_tokens']:.1f} |"
         )
+    if s.get("beta"):
+        lines += optimum_table(report)
     lines += [
         "",
         "Best-of-N from the reference's samples (unbiased over N-subsets); KL by Beirami et al.'s bound and estimator.",
         "",
-        "| N | reward | KL bound | KL estimate |",
-        "|---:|---:|---:|---:|",
+        "Beside them, on the tilted frontier's footing: best-of-N of the reference samples' empirical law (exact).",
+        "",
+        "| N | reward | KL bound | KL estimate | empirical: reward | empirical: KL |" + (" J = reward - beta KL estimate |" if s.get("beta") else ""),
+        "|---:|---:|---:|---:|---:|---:|" + ("---:|" if s.get("beta") else ""),
     ]
     for row in report.best_of_n:
         se = "n/a" if row["reward_se"] != row["reward_se"] else f"{row['reward_se']:.4f}"
-        lines.append(f"| {row['n']} | {row['reward']:.4f} ± {se} | {row['kl_bound']:.4f} | {row['kl_estimate']:.4f} |")
+        objective = f" {row['objective']:.4f} |" if "objective" in row else ""
+        lines.append(f"| {row['n']} | {row['reward']:.4f} ± {se} | {row['kl_bound']:.4f} | {row['kl_estimate']:.4f} |"
+                     f" {row['reward_empirical']:.4f} | {row['kl_empirical']:.4f} |{objective}")
     lines += [
         "",
         f"Tilted frontier pi_ref * exp(lam * r) by self-normalised weights over the reference's samples "
@@ -73,6 +81,27 @@ def markdown_table(report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def optimum_table(report) -> list[str]:
+    """The KL-regularised objective at the run's beta (klalign.evaluation.optimum): J, the captured gain G and
+    KL to the optimum per model, J* and the reference samples' effective sample size."""
+    ref = report.reference
+    lines = [
+        "",
+        f"The objective J = E r - beta KL(pi || pi_ref) at beta {ref['beta']:g}: its optimum J* = "
+        f"{_pm(ref['j_star'], ref['j_star_se'])} (log-mean-exp of the reference's samples; their effective "
+        f"sample size {ref['ess']:.1f} per prompt, smallest {ref['ess_min']:.1f}); captured gain "
+        "G = (J - J(pi_ref)) / (J* - J(pi_ref)), 1 at the optimum; KL(pi || pi*) = (J* - J) / beta. "
+        "± one standard error by a bootstrap over each prompt's samples.",
+        "",
+        "| model | J | G | KL(pi \|\| pi*) |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in [ref, *report.checkpoints]:
+        lines.append(f"| {row['name']} | {_pm(row['objective'], row['objective_se'])} | "
+                     f"{_pm(row['gain'], row['gain_se'])} | {_pm(row['kl_to_optimum'], row['kl_to_optimum_se'])} |")
+    return lines
+
+
 def plot_tradeoff(report, path: Path) -> None:
     """Reward against KL: checkpoints (k3, error bars), best-of-N (bound and estimate), frontier."""
     from matplotlib.figure import (
@@ -82,13 +111,16 @@ def plot_tradeoff(report, path: Path) -> None:
     fig = Figure(figsize=(7, 5), dpi=120)
     ax = fig.subplots()
     frontier = sorted(report.frontier, key=lambda r: r["kl"])
+    n = report.settings["num_samples"]
     ax.plot([r["kl"] for r in frontier], [r["reward"] for r in frontier], "-", color="tab:green",
-            label="tilted frontier (reference samples)")
+            label=f"tilt of the {n} reference samples per prompt (exact on their empirical law)")
     bon = report.best_of_n
+    ax.plot([r["kl_empirical"] for r in bon], [r["reward_empirical"] for r in bon], "^-", color="tab:green",
+            alpha=0.6, mfc="none", label=f"best-of-N of the same {n} samples (exact on their empirical law)")
     ax.plot([r["kl_bound"] for r in bon], [r["reward"] for r in bon], "o-", color="tab:orange",
-            label="best-of-N, KL bound log N - (N-1)/N")
+            label="best-of-N of pi_ref: reward by U-statistic, KL bound log N - (N-1)/N")
     ax.plot([r["kl_estimate"] for r in bon], [r["reward"] for r in bon], "s--", color="tab:orange", alpha=0.6,
-            mfc="none", label="best-of-N, KL estimate D(eps)")
+            mfc="none", label="best-of-N of pi_ref: reward by U-statistic, KL estimate D(eps)")
     for r in bon:
         ax.annotate(f"N={r['n']}", (r["kl_bound"], r["reward"]), textcoords="offset points", xytext=(4, -10),
                     fontsize=7, color="tab:orange")

@@ -40,7 +40,12 @@ from klalign.runs.prompt_jobs import (
     unique_prompts,
 )
 from klalign.runs.seeding import derived_seed
-from klalign.theory import best_of_n_kl_bound, best_of_n_kl_estimate
+from klalign.theory import (
+    best_of_n_distribution,
+    best_of_n_kl,
+    best_of_n_kl_bound,
+    best_of_n_kl_estimate,
+)
 
 
 def sample_and_score(
@@ -279,7 +284,13 @@ def best_of_n_curve(rewards: np.ndarray, eps: np.ndarray, ns: list[int]) -> list
 
     kl_bound = log N - (N-1)/N (Beirami et al. 2024, Thm 1); kl_estimate = E[D(eps(Y_N))], their
     estimator averaged over the best-of-N selection with the same U-statistic. (P, m) inputs.
+
+    On the footing of the tilted frontier (`klalign.evaluation.statistics.tilted_frontier_estimate`, the exact
+    tilt of the empirical law of the m samples): `reward_empirical` and `kl_empirical` are the exact reward and
+    KL of best-of-N drawn from that same empirical law (ties grouped), so the two curves compare as the exact
+    ones do (the tilt is on top at every KL); both saturate at log m.
     """
+    empirical = np.full(rewards.shape, 1.0 / rewards.shape[1])  # (P, m): each sample's mass
     rows = []
     for n in ns:
         d = best_of_n_kl_estimate(eps, n)  # (P, m): D(eps) if that sample were selected
@@ -289,5 +300,7 @@ def best_of_n_curve(rewards: np.ndarray, eps: np.ndarray, ns: list[int]) -> list
             "reward_se": jackknife_se(rewards, rewards, n),
             "kl_bound": float(best_of_n_kl_bound(n)),
             "kl_estimate": max(0.0, float(best_of_n_expectation(rewards, d, n).mean())),  # D >= 0; no -0.0
+            "reward_empirical": float((best_of_n_distribution(empirical, rewards, n) * rewards).sum(-1).mean()),
+            "kl_empirical": max(0.0, float(best_of_n_kl(empirical, rewards, n).mean())),
         })
     return rows
