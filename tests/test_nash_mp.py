@@ -470,7 +470,7 @@ def one_process_run(tmp_path_factory):
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["ddp", "zero3"])
 def test_two_processes_replay_the_one_process_iterations(mode, one_process_run, tmp_path):
-    """Given the 1-process run's stored pairs, 2 processes (DDP, or ZeRO-3 with gathered snapshots)
+    """Given the 1-process run's stored pairs, 2 processes (DDP, or ZeRO-3 with partitioned snapshots)
     make the same prox steps: same logged estimates and final weights (1e-4; float32 sums reordered)."""
     from safetensors.torch import load_file
 
