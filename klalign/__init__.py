@@ -70,6 +70,7 @@ _EXPORTS = {
     "prepare_frozen": "klalign.models.placement",
     "whole_model_loading": "klalign.models.placement",
     "Reference": "klalign.models.reference",
+    "full_snapshot": "klalign.models.snapshots",
     "reset": "klalign.models.snapshots",
     "swapped": "klalign.models.snapshots",
     "take_snapshot": "klalign.models.snapshots",

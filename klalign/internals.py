@@ -51,6 +51,12 @@ def _source_mentions(owner: str, method: str, text: str) -> bool:
     return text in inspect.getsource(getattr(getattr(importlib.import_module(module_name), class_name), method))
 
 
+def _module_mentions(module_name: str, text: str) -> bool:
+    """For methods behind a decorator that hides their source (DeepSpeed's `instrument_w_nvtx` keeps no
+    `__wrapped__`): the module's source mentions `text`."""
+    return text in inspect.getsource(importlib.import_module(module_name))
+
+
 TRAINER = "transformers.Trainer"
 DPO = "trl.DPOTrainer"
 
@@ -100,6 +106,28 @@ INTERNALS = [
              lambda: all(_source_mentions(owner, "__init__", "self.optimizer = init_optimizer") for owner in (
                  "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer",
                  "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3"))),
+    Internal("DeepSpeed ZeRO-3 parameter partitions: `param.ds_tensor` (this process's flat slice, elements "
+             "[r * n, (r + 1) * n) of the flattened parameter, n its length; `final_location`), `ds_numel`, "
+             "`ds_process_group`, `ds_status`, `ds_active_sub_modules`, `ds_secondary_tensor` and "
+             "`param.partition(has_been_updated=False)`", "deepspeed",
+             "klalign.models.snapshots (take_snapshot, load_snapshot, swapped, reset under ZeRO-3)",
+             "a snapshot that holds only this process's partition of the weights, and a restore that writes it "
+             "back without a gather, need the partition itself: DeepSpeed's public `safe_get_local_fp32_param` "
+             "reaches only the optimizer's fp32 masters, and `GatheredParameters` gathers full copies. Writing "
+             "into `ds_tensor` in place is what DeepSpeed's own optimizer step does; a parameter gathered at that "
+             "moment is released with `partition(has_been_updated=False)` (frees the gathered copy, keeps the "
+             "partition), as `GatheredParameters` releases on exit",
+             lambda: all(_source_mentions("deepspeed.runtime.zero.partition_parameters.Init", method, text)
+                         for method, text in (
+                             ("_convert_to_deepspeed_param", "param.ds_tensor = None"),
+                             ("_convert_to_deepspeed_param", "param.ds_active_sub_modules = set()"),
+                             ("_convert_to_deepspeed_param", "param.ds_secondary_tensor = None"),
+                             ("_convert_to_deepspeed_param", "param.partition = partition"),
+                             ("_partition_rank", "self.get_partition_dp_group(param)"),
+                             ("get_partition_dp_group", "param.ds_process_group")))
+             and all(_module_mentions("deepspeed.runtime.zero.partition_parameters", text) for text in (
+                 "start = partition_size * self._partition_rank(param)",  # Init._partition_param: the layout
+                 "if param.ds_tensor is not None and not has_been_updated"))),  # a release keeps the partition
     Internal("transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref", "transformers",
              "klalign.models.placement (whole_model_loading)",
              "transformers has `set_hf_deepspeed_config` and `unset_hf_deepspeed_config` but no getter, and the "

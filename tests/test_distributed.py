@@ -237,6 +237,29 @@ def test_nash_with_a_model_oracle_under_zero3(method, oracle, tmp_path):
     assert "round 1 win_rate/vs_reference" in summary
 
 
+def test_zero3_snapshots_keep_each_process_partition_and_swap_back_bit_for_bit(tmp_path):
+    """Nash-MP's snapshots under ZeRO-3 (tests/scripts/zero3_snapshot_job.py): each process holds 1/world of
+    every parameter (its own partition, persistent norms included), `swapped` puts a snapshot in and the
+    current weights back bit for bit (gathered values and logits), a full-valued snapshot loads by slices,
+    training continues after, and none of it calls a collective (a gather, counted the same way, does)."""
+    launch("zero3", ["tests/scripts/zero3_snapshot_job.py", str(tmp_path)], recipe=False)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["world"] == 2 and result["partitioned"]
+        assert all(held == per_process for held, per_process, _ in result["sizes"].values()), result["sizes"]
+        assert result["snapshot_numel"] == sum(-(-numel // 2) for *_, numel in result["sizes"].values())
+        assert result["snapshot_numel"] < 0.51 * result["model_numel"]
+        # Gathered at the swap (the persistent norms; after a no-grad forward DeepSpeed leaves every parameter
+        # gathered here): the restore writes their partitions and releases the stale gathered copies.
+        assert result["persistent"] and set(result["persistent"]) <= set(result["gathered_at_swap"])
+        for key in ("slices_match", "steps_differ", "inside_is_snapshot", "inside_logits", "restored_after_swap",
+                    "after_logits", "full_load", "full_load_logits", "restored_after_full_load", "trained_after"):
+            assert result[key], key
+        collectives = result["collectives"]
+        assert collectives.pop("full_snapshot") > 0 and collectives == {"take_snapshot": 0, "swap_in_and_out": 0,
+                                                                        "full_load": 0}
+
+
 # ----------------------------------------------------------------------------- evaluation and best-of-N
 
 

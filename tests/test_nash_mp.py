@@ -475,7 +475,7 @@ def one_process_run(tmp_path_factory):
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["ddp", "zero3"])
 def test_two_processes_replay_the_one_process_iterations(mode, one_process_run, tmp_path):
-    """Given the 1-process run's stored pairs, 2 processes (DDP, or ZeRO-3 with gathered snapshots)
+    """Given the 1-process run's stored pairs, 2 processes (DDP, or ZeRO-3 with partitioned snapshots)
     make the same prox steps: the same logged estimates (1e-4; measured <= 3e-7) and the same final weights up
     to float32 sums reordered, which Adam amplifies where a weight's gradient is near zero (rows of unused
     tokens): on this project's AMD machine 1 of 28,288 embedding weights differs by 1.2e-4 under ZeRO-3 (8e-5

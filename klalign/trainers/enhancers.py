@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from klalign.generation.types import Completion
 from klalign.inference.rejection_sampling import rejection_sample
-from klalign.models.snapshots import swapped, take_snapshot
+from klalign.models.snapshots import full_snapshot, swapped
 
 
 @dataclass
@@ -126,7 +126,7 @@ class PreviousCheckpoint(Enhancer):
         missing = [not path.exists()]
         broadcast_object_list(missing)  # the main process decides: every process must join the snapshot
         if missing[0]:
-            snapshot = take_snapshot(model)  # a collective under ZeRO-3: taken on every process
+            snapshot = full_snapshot(model)  # full values for the file: a collective under ZeRO-3, on every process
             if self.args.should_save:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
@@ -136,7 +136,7 @@ class PreviousCheckpoint(Enhancer):
         trainer.accelerator.wait_for_everyone()
         main = trainer.generate(prompts, 1)
         previous = load_file(str(self._snapshot_path(max(round_index - 1, 0))), device=str(self.args.device))
-        with swapped(model, previous):  # pi_{t-1}, sampled through the policy's own (gathered) path
+        with swapped(model, previous):  # pi_{t-1} (each process writes its own slice), sampled the policy's way
             explore = trainer.generate(prompts, 1, weights=("previous", round_index))
         stale = self._snapshot_path(round_index - 2)
         if self.args.should_save and stale.exists():

@@ -20,9 +20,11 @@ Snapshots. theta_k (the anchor and the half step's opponent) and theta_{k+1/2} a
 trainable parameters held in memory: with LoRA the adapter only (the base weights are shared, and
 the reference is the disabled adapter), otherwise all weights. Peak extra memory is three copies of
 the trainable parameters (theta_k, theta_{k+1/2}, and the current iterate while an opponent is
-swapped in) plus the frozen reference when fine-tuning fully. To sample the opponent or read pi_k's
-log-probs the snapshot is swapped into the policy, so generation takes the policy's usual path
-(ZeRO-3 parameters are gathered for the swap). Under DeepSpeed with bf16 (or fp16) the optimizer
+swapped in) plus the frozen reference when fine-tuning fully; under ZeRO-3 each process holds only
+its own partition of each copy, 1/world of it (`klalign.models.snapshots`; `bench/snapshot_memory.py`).
+To sample the opponent or read pi_k's log-probs the snapshot is swapped into the policy, so generation
+takes the policy's usual path (under ZeRO-3 each process writes its own partition: no gather for the
+swap). Under DeepSpeed with bf16 (or fp16) the optimizer
 keeps fp32 master weights: theta_k's masters are kept too (`klalign.models.snapshots`), and the full step
 restarts from them exactly, so updates below half a bf16 ulp survive the reset. Nothing is written
 to disk: a resumed round restarts from its checkpoint (theta_k) and replays every inner step from

@@ -15,7 +15,8 @@ One round of `OptimisticKLTrainer`:
            comparisons; one query when k = 2), labels drawn from its probabilities. Stored with the
            samples' log-probs under the policy and the reference.
   update   refit the reward learner (`klalign.trainers.reward_learning`) on every stored round, score this
-           round's samples with `r_tilde` (steps 1-3), then policy-gradient steps on
+           round's samples with `r_tilde` (steps 1-3; with comparisons the bonus is taken on the difference
+           from the mean feature of the prompt's samples: `optimistic_rewards`), then policy-gradient steps on
                J_tilde(pi) = E_{y ~ pi} r_tilde(x, y) - beta * KL(pi || pi_ref),
            whose maximiser is exactly step 4's Gibbs policy (ALGORITHMS.md section 0).
 
@@ -71,6 +72,7 @@ from klalign.trainers.reward_learning import (
     FeatureMap,
     RewardLearner,
     build_reward_learner,
+    group_baselines,
 )
 
 KL_PENALTIES = ("k1_in_reward", "k3_in_loss")
@@ -141,6 +143,27 @@ class RoundFeedback:
             return self.phi.flatten(0, 1), self.rewards.flatten()
         g, a, b = self.pairs.unbind(1)
         return self.phi[g, a], self.phi[g, b], self.a_wins
+
+
+def optimistic_rewards(learner: RewardLearner, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """r_hat, the bonus b_t and r_tilde = min(r_max, r_hat + b_t) of every sample (paper 000, Algorithm 1, steps
+    1-3), from the samples' features phi (G, k, d). (G, k) each.
+
+    Reward feedback: b_t = gamma ||phi(x, y)||_{Sigma_t^-1}, Sigma_t from the absolute features (paper 000).
+    Preference feedback: Sigma_t is built from differences phi_a - phi_b, and so is the bonus,
+    b_t(x, y) = gamma ||phi(x, y) - phi_bar_t(x)||_{Sigma_t^-1} with phi_bar_t(x) the mean feature of the
+    prompt's k samples of pi_t (`group_baselines`; the equation and why: `RewardLearner.bonus`). Taken on
+    absolute features, a direction shared by every response (never in any difference) kept the bonus at
+    its prior there, about the same for the whole group, and with r_max it clipped whole groups to r_max:
+    zero leave-one-out advantages, no learning signal.
+    """
+    G, k, _ = phi.shape
+    flat = phi.flatten(0, 1)  # (G * k, d)
+    # Comparisons: b_t(x, y) = gamma ||phi(x, y) - phi_bar_t(x)||_{Sigma_t^-1}, Sigma_t = lam I + sum_s z_s z_s^T,
+    # z = phi_a - phi_b (paper 000, Zhao et al. 2025, Alg. 1's bonus on the differences comparisons inform).
+    baseline = group_baselines(phi) if learner.feedback == "preference" else None
+    r_hat, bonus, r_tilde = learner.predict(flat), learner.bonus(flat, baseline), learner.optimistic(flat, baseline)
+    return r_hat.view(G, k), bonus.view(G, k), r_tilde.view(G, k)
 
 
 class OptimisticKLTrainer(OnlineTrainer):
@@ -298,9 +321,7 @@ class OptimisticKLTrainer(OnlineTrainer):
     def update(self, round_index: int, rows: list[dict]) -> dict[str, float]:
         args, k = self.args, self.args.samples_per_prompt
         learner = self.fit_reward(round_index, rows)
-        phi = self.feedback[round_index].phi.flatten(0, 1)  # (G * k, d)
-        r_hat, bonus, r_tilde = (x.view(-1, k) for x in (learner.predict(phi), learner.bonus(phi),
-                                                         learner.optimistic(phi)))  # (G, k) each
+        r_hat, bonus, r_tilde = optimistic_rewards(learner, self.feedback[round_index].phi)  # (G, k) each
         old = torch.tensor([row["logprobs"] for row in rows], dtype=torch.float64)  # (G, k) s(y) under pi_old
         ref = torch.tensor([row["ref_logprobs"] for row in rows], dtype=torch.float64)  # (G, k)
         shaped = r_tilde - args.beta * (old - ref) if args.kl_penalty == "k1_in_reward" else r_tilde

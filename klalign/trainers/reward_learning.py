@@ -4,8 +4,9 @@ Zhao, Ye, Xiong, Gu, Zhang 2025 (paper 000; ICML 2025, arXiv 2502.07460, Algorit
 UCB") fit `r_hat` on all feedback so far, add a bonus `b_t` and play the Gibbs policy of the optimistic
 reward `r_tilde = min(r_max, r_hat + b_t)`. This module holds the first three steps;
 `klalign.trainers.optimistic` trains the policy toward the fourth. The paper analyses absolute
-(reward) feedback; the comparison variant below (Bradley-Terry MLE, Sigma from feature differences)
-is the one of ALGORITHMS.md section 1 and `klalign.theory.simulate_kl_ucb`.
+(reward) feedback; the comparison variant below (Bradley-Terry MLE, Sigma from feature differences,
+as in ALGORITHMS.md section 1 and `klalign.theory.simulate_kl_ucb`) takes its bonus on a difference
+of features too (see below; the exact-regime simulator still takes it on absolute features).
 
 Reward learners (all on a frozen feature map phi, float64):
 
@@ -18,6 +19,13 @@ Reward learners (all on a frozen feature map phi, float64):
   functions": without a prior an ensemble agrees before it sees data, so it has no optimism where it
   is needed most). `r_hat` is the heads' mean, the bonus `gamma * std over heads`: the practical
   stand-in for "the spread of the reward functions still consistent with the data".
+
+Comparisons identify rewards only up to a constant per prompt: they inform the directions phi_a - phi_b
+and nothing else, so a direction that every response shares (a constant offset of phi; MiniLM's mean
+embedding, along which every phi has a large component) never enters Sigma, and the ensemble's heads keep
+their priors' disagreement along it. A learner fitted on comparisons therefore measures a response's
+uncertainty relative to a baseline (`bonus(phi, baseline)`, see `RewardLearner.bonus`): the width of
+`r(x, y) - r(x, baseline)`, the quantity the data inform. Scalar rewards keep the absolute bonus.
 
 Every fit is a function of the data (and a seed) only, never of earlier fits, so a resumed run
 refits exactly the same reward. `gamma = 0` gives the greedy learner.
@@ -102,6 +110,7 @@ class RewardLearner:
         if dim < 1 or ridge <= 0 or gamma < 0:
             raise ValueError(f"need dim >= 1, ridge > 0, gamma >= 0; got dim={dim}, ridge={ridge}, gamma={gamma}")
         self.dim, self.ridge, self.gamma, self.r_max = dim, ridge, gamma, r_max
+        self.feedback: str | None = None  # "reward" or "preference": what the last fit saw
 
     def fit(self, phi: torch.Tensor, rewards: torch.Tensor, weights: torch.Tensor | None = None) -> RewardLearner:
         raise NotImplementedError
@@ -115,13 +124,44 @@ class RewardLearner:
     def predict(self, phi: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def bonus(self, phi: torch.Tensor) -> torch.Tensor:
+    def bonus(self, phi: torch.Tensor, baseline: torch.Tensor | None = None) -> torch.Tensor:
+        """The uncertainty bonus b_t of each row of `phi` (N, d); with `baseline` (N, d) that of its reward
+        relative to the baseline's, `b_t(x, y) = width of r(x, y) - r(x, baseline)`. (N,)
+
+        After `fit_preferences` a baseline is required: comparisons inform only differences of features,
+        so the absolute width never shrinks along a direction that every response shares (module
+        docstring). Paper 000 (Zhao, Ye, Xiong, Gu, Zhang 2025, Algorithm 1) analyses absolute rewards,
+        `b_t = gamma ||phi(x, y)||_{Sigma_t^-1}`; with comparisons, `Sigma_t` is built from differences
+        and the bonus is taken on a difference too, as in the preference-feedback analyses it builds on
+        (Xiong et al. 2024, GSHF: `||E_pi1 phi - E_pi2 phi||_{Sigma^-1}`; Zhao et al. 2024: the
+        uncertainty of `r(x, a) - r(x, b)`): `b_t(x, y) = gamma ||phi(x, y) - phi_0(x)||_{Sigma_t^-1}`.
+        It is still optimistic where it matters: for every theta with `||theta_hat - theta||_Sigma <= gamma`,
+        `r_hat(x, y) + b_t(x, y) >= r(x, y) + (theta_hat - theta) . phi_0(x)`, and a term that is the same
+        for every y of a prompt changes neither the Gibbs policy `pi_ref exp(r_tilde / beta)` nor the
+        leave-one-out advantages. `klalign.trainers.optimistic` uses the mean feature of the prompt's
+        k samples (`group_baselines`) as phi_0.
+        """
         raise NotImplementedError
 
-    def optimistic(self, phi: torch.Tensor) -> torch.Tensor:
-        """`r_tilde = min(r_max, r_hat + bonus)`: paper 000, Algorithm 1; ALGORITHMS.md section 1, step 3. (N,)"""
-        r = self.predict(phi) + self.bonus(phi)
+    def optimistic(self, phi: torch.Tensor, baseline: torch.Tensor | None = None) -> torch.Tensor:
+        """`r_tilde = min(r_max, r_hat + bonus)`: paper 000, Algorithm 1; ALGORITHMS.md section 1, step 3. (N,)
+        `baseline` as in `bonus` (required after `fit_preferences`)."""
+        r = self.predict(phi) + self.bonus(phi, baseline)
         return r if self.r_max is None else r.clamp(max=self.r_max)
+
+    def _bonus_directions(self, phi, baseline) -> torch.Tensor:
+        """The rows the bonus measures: phi, or phi - baseline (see `bonus`). (N, d)"""
+        phi = self._check(phi)
+        if baseline is None:
+            if self.feedback == "preference":
+                raise ValueError("a learner fitted on comparisons measures uncertainty relative to a baseline: "
+                                 "pass baseline= (N, d), e.g. group_baselines(phi) of each prompt's samples; the "
+                                 "absolute bonus never shrinks along directions every response shares")
+            return phi
+        baseline = self._check(baseline)
+        if baseline.shape != phi.shape:
+            raise ValueError(f"baseline {tuple(baseline.shape)} must have the shape of phi {tuple(phi.shape)}")
+        return phi - baseline
 
     def _differences(self, phi_a, phi_b, temperature: float) -> torch.Tensor:
         """z = (phi_a - phi_b) / temperature: the logistic model sigmoid(z . theta) is then
@@ -156,6 +196,7 @@ class LinearReward(RewardLearner):
         w = _unit_weights(len(y), weights)
         self.theta = ridge_solution(phi, y, w, self.ridge, torch.zeros(self.dim, dtype=torch.float64))
         self._set_sigma(phi, w)
+        self.feedback = "reward"
         return self
 
     def fit_preferences(self, phi_a, phi_b, a_wins, weights=None, temperature=1.0):
@@ -165,6 +206,7 @@ class LinearReward(RewardLearner):
         w = _unit_weights(len(o), weights)
         self.theta = logistic_solution(z, o, w, self.ridge, torch.zeros(self.dim, dtype=torch.float64))
         self._set_sigma(z, w)
+        self.feedback = "preference"
         return self
 
     def _set_sigma(self, z: torch.Tensor, w: torch.Tensor) -> None:
@@ -174,11 +216,25 @@ class LinearReward(RewardLearner):
     def predict(self, phi):
         return self._check(phi) @ self.theta  # (N,)
 
-    def bonus(self, phi):
-        """`gamma * sqrt(phi^T Sigma^-1 phi)` = gamma * ||L^-1 phi|| with Sigma = L L^T. (N,)"""
-        phi = self._check(phi)
-        v = torch.linalg.solve_triangular(self.sigma_cholesky, phi.T, upper=False)  # (d, N)
+    def bonus(self, phi, baseline=None):
+        """`gamma * ||u||_{Sigma^-1}` = gamma * ||L^-1 u|| with Sigma = L L^T, u = phi (scalar rewards) or
+        u = phi - baseline (comparisons; the equation and why: `RewardLearner.bonus`). (N,)"""
+        # Paper 000 (Zhao et al. 2025), Alg. 1: b_t = gamma ||phi||_{Sigma_t^-1}; comparisons (Sigma_t from
+        # differences): b_t = gamma ||phi - phi_0||_{Sigma_t^-1}, the width of r(x, y) - r(x, phi_0).
+        u = self._bonus_directions(phi, baseline)  # (N, d)
+        v = torch.linalg.solve_triangular(self.sigma_cholesky, u.T, upper=False)  # (d, N)
         return self.gamma * v.norm(dim=0)
+
+
+def group_baselines(phi: torch.Tensor) -> torch.Tensor:
+    """Each sample's baseline for the preference bonus: the mean feature of its prompt's k samples, a Monte
+    Carlo estimate of E_{y ~ pi_t} phi(x, y) (GSHF's uncertainty of a response against the current policy).
+    The same baseline for every sample of a prompt, so the bonus's optimism is off by a per-prompt constant
+    only (`RewardLearner.bonus`). (G, k, d) -> (G * k, d), rows in `phi.flatten(0, 1)`'s order."""
+    phi = torch.as_tensor(phi, dtype=torch.float64)
+    if phi.ndim != 3:
+        raise ValueError(f"group features must have shape (G, k, d), got {tuple(phi.shape)}")
+    return phi.mean(1, keepdim=True).expand_as(phi).flatten(0, 1)
 
 
 def _unit_weights(n: int, weights) -> torch.Tensor:
@@ -225,6 +281,7 @@ class EnsembleReward(RewardLearner):
         w = self._weights(len(y), weights)  # (N, H)
         self.thetas = torch.stack([ridge_solution(phi, y, w[:, h], self.ridge, self.priors[h])
                                    for h in range(self.num_heads)])
+        self.feedback = "reward"
         return self
 
     def fit_preferences(self, phi_a, phi_b, a_wins, weights=None, temperature=1.0):
@@ -233,6 +290,7 @@ class EnsembleReward(RewardLearner):
         w = self._weights(len(o), weights)  # (N, H)
         self.thetas = torch.stack([logistic_solution(z, o, w[:, h], self.ridge, self.priors[h])
                                    for h in range(self.num_heads)])
+        self.feedback = "preference"
         return self
 
     def head_rewards(self, phi) -> torch.Tensor:
@@ -241,8 +299,12 @@ class EnsembleReward(RewardLearner):
     def predict(self, phi):
         return self.head_rewards(phi).mean(1)  # (N,)
 
-    def bonus(self, phi):
-        return self.gamma * self.head_rewards(phi).std(dim=1)  # (N,)
+    def bonus(self, phi, baseline=None):
+        """gamma * the heads' std of r_h(phi) (scalar rewards) or of r_h(phi) - r_h(baseline) (comparisons: a
+        head's component along a direction no comparison informs stays at its prior, so the absolute spread
+        keeps the priors' disagreement there; see `RewardLearner.bonus`). (N,)"""
+        u = self._bonus_directions(phi, baseline)  # (N, d)
+        return self.gamma * (u @ self.thetas.T).std(dim=1)  # (N,)
 
 
 # ----------------------------------------------------------------------------- feature maps

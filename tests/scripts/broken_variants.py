@@ -77,9 +77,15 @@ VARIANTS = {
          f"{NASH}::test_each_self_play_method_lands_on_the_regularised_nash_equilibrium[nash_prox]"],
         "Nash Prox forgets the proximal term's weight 1/eta in tau"),
     "optimism_off": (
-        "klalign/trainers/reward_learning.py", "r = self.predict(phi) + self.bonus(phi)", "r = self.predict(phi)",
+        "klalign/trainers/reward_learning.py", "r = self.predict(phi) + self.bonus(phi, baseline)",
+        "r = self.predict(phi)",
         [f"{OPT}::test_optimism_beats_greedy_where_the_reference_underexplores"],
         "the optimistic learner is the greedy one (no bonus)"),
+    "preference_bonus_absolute": (
+        "klalign/trainers/reward_learning.py", "        return phi - baseline\n", "        return phi\n",
+        [f"{OPT}::test_a_direction_every_response_shares_neither_clips_groups_to_r_max_nor_holds_up_the_bonus",
+         "tests/test_reward_learning.py::test_preference_bonus_shrinks_although_every_response_shares_a_direction"],
+        "with comparisons the bonus is taken on absolute features again (issue 20, item 8)"),
     "reference_previous_ignored": (
         "klalign/trainers/iterative.py", 'use_previous = self.args.reference == "previous"', "use_previous = False",
         [f"{ITER}::test_reference_option_sets_the_log_ratios_of_the_loss[previous]"],
