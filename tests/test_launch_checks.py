@@ -42,8 +42,10 @@ def test_online_trainers_refuse_gradient_accumulation(config, tmp_path):
 @pytest.mark.parametrize("config", [OptimisticKLConfig, NashMPConfig])
 @pytest.mark.parametrize("setting", [{"temperature": 0.7}, {"top_p": 0.9}])
 def test_policy_gradient_trainers_refuse_off_policy_sampling(config, setting, tmp_path):
+    """Without an importance correction; with the default (token-level) one the samples are reweighted."""
     with pytest.raises(ValueError, match="need samples from pi"):
-        config(output_dir=str(tmp_path), use_cpu=True, report_to=[], **setting)
+        config(output_dir=str(tmp_path), use_cpu=True, report_to=[], importance_correction="none", **setting)
+    assert config(output_dir=str(tmp_path), use_cpu=True, report_to=[], **setting).importance_correction == "token"
 
 
 @pytest.fixture(scope="module")

@@ -206,9 +206,9 @@ def test_a_direction_every_response_shares_neither_clips_groups_to_r_max_nor_hol
                               reward_learner=learner)
     advantages, policy_loss = [], trainer._policy_loss
 
-    def recording(rows, advantage, old, ref):  # the advantages every optimizer step is given
+    def recording(rows, advantage, ref):  # the advantages every optimizer step is given
         advantages.append(advantage.clone())
-        return policy_loss(rows, advantage, old, ref)
+        return policy_loss(rows, advantage, ref)
 
     trainer._policy_loss = recording
     trainer.train()
