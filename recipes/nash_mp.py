@@ -78,10 +78,8 @@ def main():
             {"model": training_args.output_dir, "feedback": str(trainer.store.directory)},
         )
 
-    # Every process reaches here before the process group closes: a process that exits while
-    # another still talks to it aborts the launch (gloo).
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    # No wait for the other processes and no end_training() here: run_recipe does both once this function's
+    # trainer is gone (ending the group while the trainer's DDP model still held it once hung a process).
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ and the one way a recipe reports bad input: one clear line on stderr and exit st
 
 Config classes call these from `__post_init__`, so a bad setting fails while the command line is
 parsed. `run_recipe(main)` turns klalign's input errors (and any error raised while parsing the
-config) into `<script>: error: <message>` and status 2; `KLALIGN_DEBUG=1` shows the traceback instead.
+config) into `<script>: error: <message>` and status 2; `KLALIGN_DEBUG=1` shows the traceback instead;
+under a launcher it also ends the process with the launcher and closes the process group.
 """
 
 from __future__ import annotations
@@ -67,9 +68,15 @@ def check_config_file(argv: list[str]) -> None:
 
 
 def run_recipe(main) -> None:
-    """Run a recipe's `main()`; bad input ends it with one line on stderr and exit status 2."""
+    """Run a recipe's `main()`; bad input ends it with one line on stderr and exit status 2.
+
+    Under a launcher, the process dies with the launcher, and whether `main()` returns or raises, the process
+    group is closed in an order that never waits on a departed process (`klalign.models.placement.run_launched`):
+    a recipe neither waits for the others nor ends the group itself."""
+    from klalign.models.placement import run_launched  # torch: not loaded by the light imports above
+
     try:
-        main()
+        run_launched(main)
     except INPUT_ERRORS as error:
         if os.environ.get("KLALIGN_DEBUG", "") not in ("", "0"):
             raise

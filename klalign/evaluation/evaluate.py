@@ -65,6 +65,7 @@ from klalign.models.placement import (
     decided_on_main,
     place_frozen,
     process_state,
+    run_launched,
     whole_model_loading,
 )
 from klalign.ops.batching import completion_batch
@@ -369,7 +370,12 @@ def evaluate_checkpoints(
 
 def main(argv: list[str] | None = None) -> int:
     """`klalign evaluate --config configs/tiny/evaluate.yaml [--field value ...]`; under `accelerate launch -m
-    klalign.cli evaluate ...` the prompts are spread over the processes."""
+    klalign.cli evaluate ...` the prompts are spread over the processes, each process dies with the launcher,
+    and the process group is closed before the interpreter shuts down (`run_launched`)."""
+    return run_launched(_evaluate_main, argv)
+
+
+def _evaluate_main(argv: list[str] | None) -> int:
     process_state()
     try:
         args, generation = parse_config(EvaluationArguments, GenerationArguments, args=argv)
