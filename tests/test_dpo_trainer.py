@@ -122,3 +122,27 @@ def test_rejects_trl_config(tiny_tokenizer, pairs, tmp_path):
     with pytest.raises(TypeError, match="klalign.DPOConfig"):
         DPOTrainer(model=build_causal_lm(tiny_tokenizer), args=config(trl.DPOConfig, tmp_path),
                    train_dataset=pairs, processing_class=tiny_tokenizer)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_off_by_default_including_attention_rates_trl_misses(pairs, tiny_tokenizer, tmp_path, disable):
+    """`disable_dropout` (TRL's default, true) turns off the policy's and the reference's Llama attention
+    dropout, a float rate TRL's own pass leaves at 0.1: two training-mode forward passes then agree exactly."""
+    def with_dropout(model):
+        for module in model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.1
+        return model
+
+    trainer = DPOTrainer(model=with_dropout(build_causal_lm(tiny_tokenizer, seed=0)),
+                         ref_model=with_dropout(distinct_reference(tiny_tokenizer)),
+                         args=config(DPOConfig, tmp_path, disable_dropout=disable), train_dataset=pairs,
+                         processing_class=tiny_tokenizer)
+    rates = [m.attention_dropout for model in (trainer.model, trainer.ref_model) for m in model.modules()
+             if hasattr(m, "attention_dropout")]
+    assert rates and all(rate == (0.0 if disable else 0.1) for rate in rates)
+    ids = torch.tensor([tiny_tokenizer("How was the trip? It was lovely.").input_ids])
+    trainer.model.train()
+    with torch.no_grad():
+        first, second = (trainer.model(input_ids=ids).logits for _ in range(2))
+    assert torch.equal(first, second) == disable

@@ -73,7 +73,9 @@ def run_recipe(main) -> None:
     Under a launcher, the process dies with the launcher, and whether `main()` returns or raises, the process
     group is closed in an order that never waits on a departed process (`klalign.models.placement.run_launched`):
     a recipe neither waits for the others nor ends the group itself."""
-    from klalign.models.placement import run_launched  # torch: not loaded by the light imports above
+    from klalign.models.placement import (
+        run_launched,  # torch: not loaded by the light imports above
+    )
 
     try:
         run_launched(main)

@@ -32,7 +32,7 @@ HARMLESS_FIELDS = {
     "save_on_each_node", "save_only_model", "save_safetensors", "log_level", "log_level_replica", "log_on_each_node",
     "per_device_eval_batch_size", "eval_strategy", "eval_steps", "eval_delay", "project", "trackio_space_id",
     "debug", "include_num_input_tokens_seen", "restore_callback_states_from_checkpoint", "torch_empty_cache_steps",
-    "accelerator_config", "deepspeed", "local_rank", "ddp_backend", "ddp_timeout", "use_cpu", "skip_memory_metrics",
+    "accelerator_config", "deepspeed", "local_rank", "kl_warning_threshold", "ddp_backend", "ddp_timeout", "use_cpu", "skip_memory_metrics",
 }
 HARMLESS_PREFIXES = ("logging_", "hub_", "dataloader_", "eval_", "push_to_hub", "save_", "trackio_", "_")
 CONSTANT_SCHEDULES = {"constant", "constant_with_warmup"}

@@ -19,6 +19,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from klalign.config.checks import check_training_config
 from klalign.models.reference import Reference
 from klalign.ops.logprobs import sequence_logprobs
+from klalign.ops.modules import disable_dropout
 from klalign.ops.preference_losses import PREFERENCE_LOSSES, get_preference_loss
 
 
@@ -73,6 +74,10 @@ class DPOTrainer(trl.DPOTrainer):
             raise TypeError(f"args must be a klalign.DPOConfig, got {type(args).__name__}")
         self.preference_loss = get_preference_loss(args.loss_type)
         super().__init__(model, ref_model, args, *pargs, **kwargs)
+        if args.disable_dropout:  # TRL's own pass misses the float attention-dropout rates (klalign.ops.modules)
+            for module in (self.model, self.ref_model):
+                if module is not None:
+                    disable_dropout(module)
 
     @property
     def reference(self) -> Reference:

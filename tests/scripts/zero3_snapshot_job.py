@@ -28,7 +28,13 @@ def main() -> None:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from klalign.models.snapshots import PartitionedSnapshot, full_snapshot, load_snapshot, swapped, take_snapshot
+    from klalign.models.snapshots import (
+        PartitionedSnapshot,
+        full_snapshot,
+        load_snapshot,
+        swapped,
+        take_snapshot,
+    )
 
     out = Path(sys.argv[1])
     deepspeed.init_distributed(dist_backend="gloo")
