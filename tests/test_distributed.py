@@ -255,3 +255,12 @@ def test_gpu_check_plumbing_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "table.json").read_text())
     assert len(rows) == 14 and all(r["status"] == "ok" and float(r["tokens/s"]) > 0 for r in rows)
+
+
+def test_a_lora_push_to_vllm_under_zero3_equals_the_whole_models_and_writes_nothing():
+    """`hf_weights` gathers the ZeRO-3 shards read-only, layer by layer (tests/scripts/zero3_push.py)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "tests/scripts/zero3_push.py"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("training weights unchanged") == 2
