@@ -192,7 +192,7 @@ def main():
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
         with open(args.output, "w") as f:
             f.write("# Sampler log-prob peak memory, recorder vs output_scores (issue 20)\n\n"
-                    "`HF_HUB_OFFLINE=1 python bench/sampler_logprob_memory.py`\n\n" + table + "\n")
+                    f"`python {' '.join(sys.argv)}`\n\n" + table + "\n")
 
 
 if __name__ == "__main__":
