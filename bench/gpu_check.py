@@ -10,9 +10,15 @@ table: recipe, launch mode, ok/failed, tokens/s, peak GPU memory, and the DPO st
 utilisation. tokens/s counts, per recipe: DPO and RSO's training, tokens trained on per second of
 training; the online recipes and evaluation, sampled response tokens per second of the whole run.
 Two rows measure the lean log-prob path against full (B, T, V) logits at a Qwen-size vocabulary
-(V = 151,936, T = 1024): tokens/s and peak GPU memory. The last row checks that Nash-MP under ZeRO-3
-bf16 keeps updates smaller than half a bf16 ulp (the fp32 master weights must keep drifting round
-after round instead of being reset to bf16 values).
+(V = 151,936, T = 1024): tokens/s and peak GPU memory. One row pushes a bf16 LoRA policy (the check's
+policy, B ~ N(0, 0.02)) to vLLM 100 times as `hf_weights` does (no engine needed) and checks that the base
+weights stay bit-identical, beside the share of them that PEFT's in-place merge/unmerge (the old push)
+changes. Two rows sample with the sampler's log-probs at V = 151,936 (B = 64, T = 512): peak GPU memory
+of klalign's recorder against the old `output_scores` path (B x T x V fp32 kept), same tokens and
+log-probs. The last row checks that Nash-MP under ZeRO-3 bf16 keeps updates smaller than half a bf16 ulp
+(the fp32 master weights must keep drifting round after round instead of being reset to bf16 values).
+
+    python bench/gpu_check.py --only push sampler   # just those rows (about a minute on a GPU)
 """
 
 from __future__ import annotations
@@ -269,6 +275,124 @@ def lean_logprob_rows(smoke: bool) -> list[dict]:
     return rows
 
 
+def lora_push_rows(models: dict, smoke: bool, pushes: int = 100) -> list[dict]:
+    """The policy in bf16 with a LoRA (r 8, all linear layers, B ~ N(0, 0.02)), pushed `pushes` times through
+    `hf_weights` (each push consumed fully, as vLLM's reload does): the base weights must stay bit-identical.
+    The old push (PEFT's merge_adapter / unmerge_adapter in place) on a second copy, for the drift it gives."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from klalign.generation.vllm_engine import hf_weights
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def lora_policy():
+        model = AutoModelForCausalLM.from_pretrained(models["policy"], dtype=torch.bfloat16).to(device)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        return model
+
+    def changed(model, before) -> float:
+        params = dict(model.named_parameters())
+        return sum((params[n] != b).sum().item() for n, b in before.items()) / sum(b.numel() for b in before.values())
+
+    rows = []
+    for path in ("new", "old"):
+        model = lora_policy()
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+        start = time.time()
+        with torch.no_grad():
+            for _ in range(pushes):
+                if path == "new":
+                    for _name, tensor in hf_weights(model):
+                        tensor.sum()  # read, as vLLM's loader does
+                else:
+                    model.merge_adapter()
+                    for _name, p in model.named_parameters():
+                        p.sum()
+                    model.unmerge_adapter()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rate = pushes / (time.time() - start)
+        fraction = changed(model, before)
+        if path == "new":
+            rows.append({"recipe": "LoRA push to vLLM", "mode": "bf16", "status": "ok" if fraction == 0 else "FAILED",
+                         "tokens/s": "", "peak GiB": "", "MFU": "",
+                         "note": f"{pushes} pushes ({rate:.1f}/s): base weights changed {fraction:.2%}"})
+        else:
+            rows[-1]["note"] += f"; old in-place merge/unmerge: {fraction:.2%}"
+        del model, before
+    return rows
+
+
+def sampler_logprob_rows(smoke: bool) -> list[dict]:
+    """`hf_sample(..., sampler_logprobs=True)` at V = 151,936, B = 64, T = 512 (smoke: V = 32,000, B = 8,
+    T = 32), temperature 0.7, top_p 0.9, every row running T steps: peak GPU memory (smoke: peak extra RSS)
+    of klalign's recorder and of the old `output_scores` path, which must draw the same tokens and give the
+    same log-probs."""
+    import gc
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sampler_logprob_memory import build, old_hf_sample, prompts, status_kib
+
+    from klalign.generation.hf import hf_sample
+    from klalign.generation.types import GenerationArguments
+
+    vocab, batch, length = (32_000, 8, 32) if smoke else (151_936, 64, 512)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = build(vocab)
+    model.to(device)
+    args = GenerationArguments(temperature=0.7, top_p=0.9, max_new_tokens=length, generation_batch_size=batch)
+    results = {}
+    for path in ("old", "new", "old", "new"):  # the first round warms up
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            base = status_kib("VmRSS") * 1024
+        torch.manual_seed(1)
+        start = time.time()
+        if path == "old":
+            done = old_hf_sample(model, tokenizer, prompts(batch), 1, args)
+        else:
+            done = hf_sample(model, tokenizer, prompts(batch), 1, args, progress=False, sampler_logprobs=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = status_kib("VmHWM") * 1024 - base
+        results[path] = (done, peak, time.time() - start)
+    (old, old_peak, old_s), (new, new_peak, new_s) = results["old"], results["new"]
+    same = [c.completion_ids for c in old] == [c.completion_ids for c in new]
+    diff = max(abs(a - b) for o, n in zip(old, new) for a, b in zip(o.sampler_logprobs, n.sampler_logprobs)) \
+        if same else float("nan")
+    tokens = sum(len(c.completion_ids) for c in new)
+    ok = same and diff <= 1e-5 and new_peak < old_peak
+    what = "peak extra GPU memory" if device == "cuda" else "peak extra RSS"
+    mode = f"V={vocab} B={batch} T={length}"
+    return [
+        {"recipe": "sampler log-probs, old", "mode": mode, "status": "ok", "tokens/s": f"{tokens / old_s:.0f}",
+         "peak GiB": f"{old_peak / 2**30:.2f}", "MFU": "",
+         "note": f"output_scores: B x T x V fp32 = {batch * length * vocab * 4 / 2**30:.2f} GiB kept; {what}"},
+        {"recipe": "sampler log-probs", "mode": mode, "status": "ok" if ok else "FAILED",
+         "tokens/s": f"{tokens / new_s:.0f}", "peak GiB": f"{new_peak / 2**30:.2f}", "MFU": "",
+         "note": f"recorder: {new_peak / old_peak:.3f}x the old peak; same tokens: {'yes' if same else 'NO'}, "
+                 f"max |log-prob diff| {diff:.1e}"},
+    ]
+
+
 # ----------------------------------------------------------------------------- the driver
 
 
@@ -278,7 +402,10 @@ def main() -> int:
     parser.add_argument("--out", default="runs/gpu_check", help="Where models, runs and the table go.")
     parser.add_argument("--peak_flops", type=float, default=H200_BF16_FLOPS, help="The GPU's bf16 peak, FLOP/s.")
     parser.add_argument("--timeout", type=int, default=300, help="Seconds per recipe launch.")
+    parser.add_argument("--only", nargs="+", choices=["recipes", "logprobs", "push", "sampler", "nash"],
+                        help="Run only these groups of rows (default: all).")
     args = parser.parse_args()
+    groups = set(args.only or ["recipes", "logprobs", "push", "sampler", "nash"])
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
@@ -291,7 +418,7 @@ def main() -> int:
     models = build_models(out, args.smoke)
     modes = accelerate_configs(out, args.smoke)
     rows = []
-    for mode, (config, extra) in modes.items():
+    for mode, (config, extra) in modes.items() if "recipes" in groups else ():
         run = out / mode
         write_configs(models, run)
         for recipe, argv in recipes(models, run, args.smoke).items():
@@ -318,8 +445,14 @@ def main() -> int:
                     row["note"] += f"; metrics unreadable: {error!r}"[:120]
             rows.append(row)
             print(f"{recipe:>14} {mode:>10} {row['status']}", flush=True)
-    rows += lean_logprob_rows(args.smoke)
-    if not args.smoke:
+    if "logprobs" in groups:
+        rows += lean_logprob_rows(args.smoke)
+    if "push" in groups:
+        rows += lora_push_rows(models, args.smoke)
+    if "sampler" in groups:
+        rows += sampler_logprob_rows(args.smoke)
+    if not args.smoke and "nash" in groups:
+        write_configs(models, out / "zero3_bf16")
         status, note = master_drift_check(out / "zero3_bf16", models, modes["zero3_bf16"], env)
         rows.append({"recipe": "nash_mp sub-ulp", "mode": "zero3_bf16", "status": status, "tokens/s": "",
                      "peak GiB": "", "MFU": "", "note": note})

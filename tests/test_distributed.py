@@ -294,7 +294,8 @@ def test_gpu_check_plumbing_runs_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "table.json").read_text())
-    assert len(rows) == 14 and all(r["status"] == "ok" and float(r["tokens/s"]) > 0 for r in rows)
+    assert len(rows) == 17 and all(r["status"] == "ok" for r in rows)
+    assert all(float(r["tokens/s"]) > 0 for r in rows if r["recipe"] != "LoRA push to vLLM")
 
 
 # ----------------------------------------------------------------------------- no process outlives the run
@@ -380,3 +381,13 @@ def test_a_collective_still_finishing_when_main_returns_does_not_hang_the_exit()
     proc = launch("ddp", ["tests/scripts/late_collective.py"], recipe=False,
                   launcher=["--main_process_port", str(free_port())], timeout=300)
     assert proc.stdout.count("closed") == 2
+
+
+
+def test_a_lora_push_to_vllm_under_zero3_equals_the_whole_models_and_writes_nothing():
+    """`hf_weights` gathers the ZeRO-3 shards read-only, layer by layer (tests/scripts/zero3_push.py)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "tests/scripts/zero3_push.py"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("training weights unchanged") == 2

@@ -104,3 +104,94 @@ def test_a_checkpoints_list_of_stop_tokens_is_honoured(bandit):
     flat = [s for per_prompt in samples for s in per_prompt]
     assert any(s.completion_ids == [a3] for s in flat)  # stopped at the checkpoint's own stop token
     assert all(s.completion_ids == [a3] or s.completion_ids[-1] == tokenizer.eos_token_id for s in flat)
+
+
+# ---- the sampler's log-probs of its tokens (sampler_logprobs), without keeping every step's scores
+
+def output_scores_logprobs(model, tokenizer, prompts, num_samples, args) -> list[tuple[list[int], list[float]]]:
+    """The reference: (completion ids, log-probs) as `generate(output_scores=True)` gives them, one (B, V) score
+    tensor per step kept to the end, on the batches `hf_sample` makes."""
+    from klalign.data.prompts import prompt_token_ids
+    from klalign.generation.hf import sampling_config, without_checkpoint_defaults
+    from klalign.ops.batching import left_padded
+
+    stop = stop_token_ids(model, tokenizer)
+    config = sampling_config(args, stop, tokenizer.pad_token_id)
+    config.output_scores = config.return_dict_in_generate = True
+    flat = [prompt_token_ids(tokenizer, p) for p in prompts for _ in range(num_samples)]
+    done = []
+    with without_checkpoint_defaults(model):
+        for start in range(0, len(flat), args.generation_batch_size):
+            enc = left_padded(flat[start : start + args.generation_batch_size], tokenizer.pad_token_id, "cpu")
+            out = model.generate(**enc, generation_config=config)
+            new = out.sequences[:, enc["input_ids"].size(1) :]
+            logps = torch.stack([torch.log_softmax(step.float(), -1).gather(-1, new[:, t : t + 1]).squeeze(-1)
+                                 for t, step in enumerate(out.scores)], dim=1)
+            for ids, row in zip(new.tolist(), logps.tolist()):
+                kept = _strip(ids, stop)
+                done.append((kept, row[: len(kept)]))
+    return done
+
+
+@pytest.fixture(scope="module")
+def likely_to_stop(tiny_policy_dir):
+    """The tiny policy with EOS's logit raised by 2: rows of one batch stop at different steps."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    raise_eos = torch.zeros(model.config.vocab_size)
+    raise_eos[tokenizer.eos_token_id] = 2.0
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + raise_eos)
+    return model, tokenizer
+
+
+def test_sampler_logprobs_equal_generates_processed_scores(likely_to_stop):
+    from klalign.generation.hf import SampledTokenLogprobs, hf_sample
+
+    model, tokenizer = likely_to_stop
+    prompts = ["Hi", "How was the movie today, tell me?", [{"role": "user", "content": "Describe the city."}],
+               "I think the food was great and the trip was long. It is"]
+    args = GenerationArguments(temperature=0.7, top_p=0.9, max_new_tokens=24, generation_batch_size=8)
+    torch.manual_seed(3)
+    reference = output_scores_logprobs(model, tokenizer, prompts, 4, args)
+    torch.manual_seed(3)
+    samples = hf_sample(model, tokenizer, prompts, 4, args, progress=False, sampler_logprobs=True)
+    lengths = [len(ids) for ids, _ in reference]
+    assert sum(n < 24 for n in lengths) >= 4 and sum(n == 24 for n in lengths) >= 2  # early stops beside full rows
+    for sample, (ids, logps) in zip(samples, reference, strict=True):
+        assert sample.completion_ids == ids  # the same draws: the sampled law is unchanged
+        np.testing.assert_allclose(sample.sampler_logprobs, logps, rtol=0, atol=1e-6)
+    # transformers puts a caller's processors before its temperature and top_p warpers: a recorder passed
+    # as it is would record the unprocessed law (hence `recording_sampled_logprobs`).
+    from klalign.generation.hf import sampling_config, without_checkpoint_defaults
+
+    naive = SampledTokenLogprobs()
+    ids = torch.tensor([tokenizer("Hi").input_ids])
+    with without_checkpoint_defaults(model):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), logits_processor=[naive],
+                             generation_config=sampling_config(args, [tokenizer.eos_token_id], tokenizer.pad_token_id))
+        new = out[:, ids.size(1) :]
+        with_naive = naive.finish(new)
+    torch.manual_seed(0)
+    assert with_naive.shape == new.shape and (with_naive < 0).all()
+    processed = torch.log_softmax(model(out).logits[0, ids.size(1) - 1 : -1].float() / 0.7, -1)
+    assert (with_naive[0] - processed.gather(-1, new[0, :, None]).squeeze(-1)).abs().max() > 1e-2
+
+
+def test_sampler_logprobs_keep_no_per_step_scores(likely_to_stop, monkeypatch):
+    """`output_scores` keeps (B, V) fp32 scores per step to the end (B x T x V: ~20 GB at 64 x 512 x 152k):
+    `hf_sample` never asks for it."""
+    from klalign.generation.hf import hf_sample
+
+    model, tokenizer = likely_to_stop
+    asked = []
+    generate = model.generate
+
+    def spy(*a, generation_config=None, **k):
+        asked.append((generation_config.output_scores, generation_config.output_logits))
+        return generate(*a, generation_config=generation_config, **k)
+
+    monkeypatch.setattr(model, "generate", spy)
+    args = GenerationArguments(temperature=0.7, top_p=0.9, max_new_tokens=8, generation_batch_size=4)
+    samples = hf_sample(model, tokenizer, ["Hi", "Describe the city."], 3, args, progress=False, sampler_logprobs=True)
+    assert all(len(s.sampler_logprobs) == len(s.completion_ids) for s in samples)
+    assert asked and all(not scores and not logits for scores, logits in asked)

@@ -10,15 +10,26 @@ not from pi, so every KL estimate and policy gradient computed on them would be 
 Generation here runs with the model's own defaults swapped for a blank `GenerationConfig` and an
 explicit one (`sampling_config`) in which every processor but temperature and top_p is neutral.
 Only the checkpoint's stop tokens are kept (many instruct models have two).
+
+With `sampler_logprobs`, each sampled token's log-prob under the processed (tempered, top-p) law it was
+drawn from is recorded during generation (`SampledTokenLogprobs`), one step's scores (B, V) at a time,
+never `output_scores`' (B, T, V).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from klalign.data.prompts import prompt_token_ids
 from klalign.generation.types import Completion, GenerationArguments
@@ -78,10 +89,61 @@ def strip_after_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
     return ids
 
 
-def _sampled_logprobs(scores: tuple, tokens: torch.Tensor) -> torch.Tensor:
-    """log q(token) under the processed scores `generate` sampled from, step by step. (b, new)"""
-    return torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, tokens[:, t : t + 1]).squeeze(-1)
-                        for t, step in enumerate(scores)], dim=1)
+class SampledTokenLogprobs(LogitsProcessor):
+    """Records log q(token) of each sampled token under the processed scores it was sampled from, keeping one
+    step's scores (B, V) at a time instead of `output_scores`' every step (B, T, V).
+
+    Called at each decoding step with the scores about to be sampled from; at the next call the token that
+    was sampled is the last column of `input_ids`, and its log-prob is taken from the kept row. `finish`
+    takes the last step's from the returned sequences. It must be the last processor (see
+    `recording_sampled_logprobs`): what it sees is what `generate` samples from."""
+
+    def __init__(self):
+        self.kept: torch.Tensor | None = None  # (b, V) the last step's processed scores
+        self.logprobs: list[torch.Tensor] = []  # (b,) per step whose token is known
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.kept is not None:
+            self.logprobs.append(_token_logprob(self.kept, input_ids[:, -1]))
+        self.kept = scores
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(b, new) log-probs of the generated tokens `new_tokens` (b, new): the last one's from the kept row.
+        (A generate that ran steps past the stop and dropped them, as on MPS, recorded more: cut to `new`.)"""
+        n = new_tokens.size(1)
+        if len(self.logprobs) == n - 1:
+            self.logprobs.append(_token_logprob(self.kept, new_tokens[:, -1]))
+        self.kept = None
+        if len(self.logprobs) < n:
+            raise RuntimeError(f"recorded {len(self.logprobs)} sampled-token log-probs for {n} generated tokens")
+        return torch.stack(self.logprobs[:n], dim=1)
+
+
+def _token_logprob(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(scores)[token] per row. (b, V), (b,) -> (b,)"""
+    return torch.log_softmax(scores.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def recording_sampled_logprobs(config: GenerationConfig) -> tuple[GenerationConfig, LogitsProcessorList,
+                                                                   SampledTokenLogprobs]:
+    """`config` with its temperature and top_p moved into explicit warpers followed by a recorder of the
+    sampled tokens' log-probs: (config, the processors to pass to `generate`, the recorder).
+
+    transformers (5.19, `_get_logits_processor`) puts a caller's `logits_processor` list *before* its own
+    sampling warpers (temperature, top_k, top_p, min_p, ...), so a recorder passed as it is would see the
+    scores before temperature and top_p. Here those warpers are the caller's, in generate's order, and the
+    config's are neutral (temperature 1, top_p 1, min_p unset: generate adds none), so the recorder is the
+    last processor wherever transformers places the list, and the law sampled from is unchanged."""
+    warpers = []
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+    recorder = SampledTokenLogprobs()
+    config = copy.deepcopy(config)
+    config.temperature, config.top_p, config.min_p = 1.0, 1.0, None  # min_p 0 was a no-op warper after top_p
+    return config, LogitsProcessorList([*warpers, recorder]), recorder
 
 
 @torch.no_grad()
@@ -95,7 +157,6 @@ def hf_sample(model, tokenizer, prompts: list, num_samples: int, args: Generatio
     with gathered_for_generation(model, accelerator) as unwrapped:
         stop_ids = stop_token_ids(unwrapped, tokenizer)
         config = sampling_config(args, stop_ids, pad_id)
-        config.output_scores = config.return_dict_in_generate = sampler_logprobs  # in the config: no kwargs beside it
         was_training = unwrapped.training
         unwrapped.eval()
         device = next(unwrapped.parameters()).device
@@ -104,10 +165,13 @@ def hf_sample(model, tokenizer, prompts: list, num_samples: int, args: Generatio
             for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
                 chunk = flat[start : start + args.generation_batch_size]
                 enc = left_padded([i for _, i in chunk], pad_id, device)
-                out = unwrapped.generate(**enc, generation_config=config)
-                sequences = out.sequences if sampler_logprobs else out  # (b, prompt_len + new), left-padded
-                new = sequences[:, enc["input_ids"].size(1) :]  # (b, new)
-                step_logps = _sampled_logprobs(out.scores, new).tolist() if sampler_logprobs else None
+                if sampler_logprobs:  # a fresh recorder per call
+                    recording, processors, recorder = recording_sampled_logprobs(config)
+                    sequences = unwrapped.generate(**enc, generation_config=recording, logits_processor=processors)
+                else:
+                    sequences = unwrapped.generate(**enc, generation_config=config)
+                new = sequences[:, enc["input_ids"].size(1) :]  # (b, new); sequences are left-padded
+                step_logps = recorder.finish(new).tolist() if sampler_logprobs else None
                 for j, ((prompt, prompt_ids), generated) in enumerate(zip(chunk, new.tolist())):
                     completion_ids = strip_after_stop(generated, stop_ids)
                     text = tokenizer.decode(completion_ids, skip_special_tokens=True)

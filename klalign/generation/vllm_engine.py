@@ -5,9 +5,10 @@ executor as TRL's colocate mode uses it: under `accelerate launch` every process
 engine at the same point (building one is a collective), reusing the launch's process group. The
 engine is built from the policy's folder; before it samples, the weights the trainer computes with
 are pushed into it whenever they changed (after an update, or while another iterate is swapped in).
-A LoRA policy is pushed merged (adapter folded into the base weights, then unfolded): vLLM's own LoRA
-path needs every update written to disk and loaded again, and one merged path serves full fine-tuning
-and LoRA alike. Samples keep their token ids, which the training model then scores; vLLM's log-probs
+A LoRA policy is pushed merged, out of place (`hf_weights`: W + scaling * B @ A in fp32, a new tensor per
+layer; the base weights, which are pi_ref, are never written): vLLM's own LoRA path needs every update
+written to disk and loaded again, and one merged path serves full fine-tuning and LoRA alike. Samples
+keep their token ids, which the training model then scores; vLLM's log-probs
 of the sampled tokens under the sampling settings (`processed_logprobs`) are kept beside them for the
 sampler/learner mismatch and its correction (`klalign.ops.importance`).
 
@@ -81,21 +82,18 @@ def free_port() -> int:
 
 def hf_weights(model):
     """(name, tensor) of the weights `model` computes with, under HF names (vLLM maps them onto its fused
-    layers). A PEFT model's adapter is merged for the duration; ZeRO-3 shards are gathered as needed."""
+    layers); ZeRO-3 shards are gathered (read only) one layer at a time.
+
+    A PEFT LoRA model is merged out of place: each LoRA layer yields a new tensor W + sum_a s_a B_a A_a,
+    computed in fp32 from its base weight and the adapters `merge_adapter` would merge (the active ones not
+    merged yet; none while adapters are disabled, as the forward pass then uses the base layer), rounded
+    once to W's dtype. The training weights are never written: PEFT's in-place merge and unmerge round
+    the base weights twice through their dtype and, in bf16, drift a little at every push (TRL issue
+    #6688), and with LoRA the base with the adapter off is pi_ref. Layers it cannot merge exactly (DoRA
+    and the other LoRA variants, other PEFT methods, quantised bases) raise `NotImplementedError`."""
     model = unwrap(model)
-    params = list(model.parameters())
-    if hasattr(model, "merge_adapter"):  # PEFT: fold the adapter in, push, unfold (as TRL's colocate mode does)
-        with gathered(params), torch.no_grad():
-            model.merge_adapter()
-            try:
-                for name, p in model.named_parameters():
-                    if "lora_" in name or "original_module" in name:
-                        continue
-                    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-                    yield name.replace("modules_to_save.default.", ""), p.data
-                yield from _tied_head(model.get_base_model())
-            finally:
-                model.unmerge_adapter()
+    if hasattr(model, "merge_adapter"):
+        yield from _peft_weights(model)
         return
     for name, p in model.named_parameters():
         with gathered([p]):
@@ -103,12 +101,115 @@ def hf_weights(model):
     yield from _tied_head(model)
 
 
+def _peft_weights(model):
+    """`hf_weights` of a PEFT model: its transformers model walked module by module, each LoRA layer merged
+    (`_merged_lora`), each `modules_to_save` wrapper replaced by the copy it computes with, parameters
+    shared between modules given once (as `named_parameters` does), the tied head last."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    seen: set[int] = set()
+    names: set[str] = set()
+
+    def walk(module, prefix: str):
+        if isinstance(module, BaseTunerLayer):
+            seen.update(id(p) for p in module.get_base_layer().parameters(recurse=False))
+            for name, tensor in _merged_lora(module, prefix.removesuffix(".")):
+                names.add(prefix + name)
+                yield prefix + name, tensor
+            return
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            if not isinstance(module, ModulesToSaveWrapper):
+                raise NotImplementedError(
+                    f"pushing weights to vLLM: {prefix.removesuffix('.')} is a {_class_name(module)}; klalign "
+                    f"merges LoRA layers and modules_to_save copies only (set generation_backend: hf)")
+            active = [a for a in module.active_adapters if a in module.modules_to_save]
+            # the module its forward pass calls: the active adapter's copy, or the original while disabled
+            off = module.disable_adapters or not active
+            module = module.original_module if off else module.modules_to_save[active[0]]
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                names.add(prefix + name)
+                with gathered([p]):
+                    yield prefix + name, p.data
+        for name, child in module.named_children():
+            yield from walk(child, prefix + name + ".")
+
+    inner = model.get_base_model()
+    yield from walk(inner, "")
+    if "lm_head.weight" not in names:
+        yield from _tied_head(inner)
+
+
+def _merged_lora(layer, name: str):
+    """("weight", tensor) and ("bias", tensor) if it has one, of a LoRA layer with the adapters `merge_adapter`
+    would merge folded in: new tensors in the base layer's dtype, computed in fp32 (`get_delta_weight`'s
+    formula); the layer is only read. Yielded while its ZeRO-3 shards are gathered.
+
+    PEFT's own `get_delta_weight` is not reused: it computes in the adapter's dtype (fp32 only for a bf16
+    or fp16 adapter on CPU) and returns that dtype, so a bf16 adapter on a GPU would give a bf16 delta."""
+    from peft.tuners.lora import Embedding, Linear
+
+    kind = type(layer)
+    if kind not in (Linear, Embedding):
+        raise NotImplementedError(
+            f"pushing weights to vLLM: {name} is a {_class_name(layer)}; klalign merges plain LoRA Linear and "
+            f"Embedding layers out of place only (set generation_backend: hf for this model)")
+    embedding = kind is Embedding
+    factors = (layer.lora_embedding_A, layer.lora_embedding_B) if embedding else (layer.lora_A, layer.lora_B)
+    adapters = [] if layer.disable_adapters else [
+        a for a in layer.active_adapters if a in factors[0] and a not in layer.merged_adapters]
+    for adapter in adapters:  # private layout: klalign.internals
+        variant = layer.lora_variant.get(adapter) or ("DoRA" if layer.use_dora.get(adapter) else None)
+        if variant is not None:
+            raise NotImplementedError(
+                f"pushing weights to vLLM: {name}'s adapter {adapter!r} is a "
+                f"{variant if isinstance(variant, str) else type(variant).__name__} (DoRA or another LoRA variant), "
+                f"which klalign does not merge out of place (set generation_backend: hf for this model)")
+    base = layer.get_base_layer()
+    bias = getattr(base, "bias", None)
+    with_bias = [a for a in adapters if not embedding and layer.lora_bias.get(a, False)]  # lora_bias=True
+    if with_bias and bias is None:
+        raise ValueError(f"{name}: an adapter with lora_bias cannot be merged into a base layer without a bias")
+    params = [base.weight] + ([bias] if bias is not None else [])
+    for adapter in adapters:
+        params += [factors[0][adapter], factors[1][adapter]] if embedding else [
+            *factors[0][adapter].parameters(), *factors[1][adapter].parameters()]
+    with gathered(params), torch.no_grad():
+        if adapters:
+            weight = base.weight.detach().to(torch.float32, copy=True)  # a new tensor, even when W is fp32
+            for adapter in adapters:
+                if embedding:  # A (r, num_embeddings), B (embedding_dim, r)
+                    delta = (factors[1][adapter].float() @ factors[0][adapter].float()).T
+                else:  # A (r, in), B (out, r); fan_in_fan_out stores W as (in, out)
+                    delta = factors[1][adapter].weight.float() @ factors[0][adapter].weight.float()
+                    delta = delta.T if layer.fan_in_fan_out else delta
+                weight += delta * layer.scaling[adapter]
+            yield "weight", weight.to(base.weight.dtype)
+        else:
+            yield "weight", base.weight.data
+        if with_bias:
+            merged_bias = bias.detach().to(torch.float32, copy=True)
+            for adapter in with_bias:
+                merged_bias += factors[1][adapter].bias.float() * layer.scaling[adapter]
+            yield "bias", merged_bias.to(bias.dtype)
+        elif bias is not None:
+            yield "bias", bias.data
+
+
+def _class_name(module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
 def _tied_head(model):
-    """Tied embeddings have no `lm_head.weight` parameter; vLLM keeps a packed copy that must be pushed."""
+    """Tied embeddings have no `lm_head.weight` parameter; vLLM keeps a packed copy that must be pushed: the
+    output embeddings' weight (a PEFT `modules_to_save` wrapper resolves `weight` to the copy it computes with)."""
     if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
-        embeddings = model.get_input_embeddings().weight
-        with gathered([embeddings]):
-            yield "lm_head.weight", embeddings.data
+        head = model.get_output_embeddings() or model.get_input_embeddings()
+        weight = head.weight
+        with gathered([weight]):
+            yield "lm_head.weight", weight.data
 
 
 class VLLMEngine:
