@@ -46,8 +46,8 @@ from transformers import PrinterCallback  # noqa: E402
 from klalign.testbed.bandit import SingleTokenBandit, TestbedReward  # noqa: E402
 from klalign.testbed.metrics import TestbedMetricsCallback, exact_metrics  # noqa: E402
 from klalign.theory import LinearBandit, simulate_kl_ucb  # noqa: E402
+from klalign.trainers.features import TabularFeatures  # noqa: E402
 from klalign.trainers.optimistic import OptimisticKLConfig, OptimisticKLTrainer  # noqa: E402
-from klalign.trainers.reward_learning import TabularFeatures  # noqa: E402
 
 
 def make_bandit(args) -> SingleTokenBandit:

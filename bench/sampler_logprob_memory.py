@@ -70,7 +70,12 @@ def old_hf_sample(model, tokenizer, prompts, num_samples, args):
     import torch
 
     from klalign.data.prompts import prompt_token_ids
-    from klalign.generation.hf import sampling_config, stop_token_ids, strip_after_stop, without_checkpoint_defaults
+    from klalign.generation.hf import (
+        sampling_config,
+        stop_token_ids,
+        strip_after_stop,
+        without_checkpoint_defaults,
+    )
     from klalign.generation.types import Completion
     from klalign.ops.batching import left_padded
 

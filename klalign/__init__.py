@@ -146,15 +146,15 @@ _EXPORTS = {
     "OnlineTrainer": "klalign.trainers.online",
     "OptimisticKLConfig": "klalign.trainers.optimistic",
     "OptimisticKLTrainer": "klalign.trainers.optimistic",
-    "build_feature_map": "klalign.trainers.reward_learning",
+    "build_feature_map": "klalign.trainers.features",
     "build_reward_learner": "klalign.trainers.reward_learning",
     "EnsembleReward": "klalign.trainers.reward_learning",
-    "FeatureMap": "klalign.trainers.reward_learning",
-    "HiddenStateFeatures": "klalign.trainers.reward_learning",
+    "FeatureMap": "klalign.trainers.features",
+    "HiddenStateFeatures": "klalign.trainers.features",
     "LinearReward": "klalign.trainers.reward_learning",
     "RewardLearner": "klalign.trainers.reward_learning",
-    "SentenceEmbeddingFeatures": "klalign.trainers.reward_learning",
-    "TabularFeatures": "klalign.trainers.reward_learning",
+    "SentenceEmbeddingFeatures": "klalign.trainers.features",
+    "TabularFeatures": "klalign.trainers.features",
 }
 
 __all__ = sorted(_EXPORTS, key=str.lower)

@@ -16,7 +16,7 @@ from klalign.ops.kl import kl_k3
 from klalign.ops.logprobs import token_logprobs
 from klalign.oracles.base import BradleyTerryPreference
 from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
-from klalign.trainers.reward_learning import TabularFeatures
+from klalign.trainers.features import TabularFeatures
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from klalign.oracles.base import BradleyTerryPreference
 from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
 from klalign.testbed.metrics import TestbedMetricsCallback, exact_metrics
 from klalign.testbed.model import read_policy
+from klalign.trainers.features import TabularFeatures
 from klalign.trainers.optimistic import OptimisticKLConfig, OptimisticKLTrainer
-from klalign.trainers.reward_learning import TabularFeatures
 
 BETA = 0.1
 

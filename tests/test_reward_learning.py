@@ -4,13 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from klalign.trainers.reward_learning import (
-    EnsembleReward,
+from klalign.trainers.features import (
     HiddenStateFeatures,
-    LinearReward,
     SentenceEmbeddingFeatures,
     TabularFeatures,
     build_feature_map,
+)
+from klalign.trainers.reward_learning import (
+    EnsembleReward,
+    LinearReward,
     build_reward_learner,
     group_baselines,
     logistic_solution,

@@ -64,12 +64,11 @@ from klalign.ops.kl import kl_k3
 from klalign.ops.logprobs import token_logprobs
 from klalign.oracles.base import BradleyTerryPreference, PreferenceOracle, RewardOracle
 from klalign.runs.seeding import derived_seed
+from klalign.trainers.features import FEATURE_MAPS, FeatureMap
 from klalign.trainers.online import OnlineTrainer
 from klalign.trainers.online_config import OnlineConfig
 from klalign.trainers.reward_learning import (
-    FEATURE_MAPS,
     REWARD_LEARNERS,
-    FeatureMap,
     RewardLearner,
     build_reward_learner,
     group_baselines,

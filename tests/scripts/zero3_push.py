@@ -15,7 +15,6 @@ from klalign.generation.vllm_engine import hf_weights
 from klalign.models.placement import gathered
 from klalign.models.tiny import build_causal_lm, build_tokenizer
 
-
 if __name__ == "__main__":
     deepspeed.init_distributed(dist_backend="gloo")
     rank = int(os.environ["RANK"])
