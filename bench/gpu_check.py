@@ -15,10 +15,13 @@ policy, B ~ N(0, 0.02)) to vLLM 100 times as `hf_weights` does (no engine needed
 weights stay bit-identical, beside the share of them that PEFT's in-place merge/unmerge (the old push)
 changes. Two rows sample with the sampler's log-probs at V = 151,936 (B = 64, T = 512): peak GPU memory
 of klalign's recorder against the old `output_scores` path (B x T x V fp32 kept), same tokens and
-log-probs. The last row checks that Nash-MP under ZeRO-3 bf16 keeps updates smaller than half a bf16 ulp
+log-probs. One row samples 64 x 512 tokens with a bf16 copy of a peaked model (vLLM's usual dtype) and
+scores them with the fp32 model: the per-token mismatch, the share of tokens and of sequences whose
+importance ratio passes the cap, and the sequence weights' effective sample size (token- against
+sequence-level truncated importance sampling). The last row checks that Nash-MP under ZeRO-3 bf16 keeps updates smaller than half a bf16 ulp
 (the fp32 master weights must keep drifting round after round instead of being reset to bf16 values).
 
-    python bench/gpu_check.py --only push sampler   # just those rows (about a minute on a GPU)
+    python bench/gpu_check.py --only push sampler importance   # just those rows (about a minute on a GPU)
 """
 
 from __future__ import annotations
@@ -393,6 +396,56 @@ def sampler_logprob_rows(smoke: bool) -> list[dict]:
     ]
 
 
+def importance_rows(smoke: bool) -> list[dict]:
+    """Token- against sequence-level truncated importance weights on long responses drawn by a bf16 copy of the
+    training model (vLLM's usual dtype): B = 64 responses of T = 512 tokens (smoke: 16 x 64) from a peaked
+    Llama (LM head x 20) at V = 151,936 (smoke: 32,000), scored by the fp32 model. Reports the per-token
+    mismatch, the fractions of tokens and of sequences whose ratio exceeds the cap (2), and the sequence
+    weights' effective sample size: the sequence form collapses where the token form does not."""
+    import copy
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sampler_logprob_memory import build, prompts
+
+    from klalign.generation.hf import hf_sample
+    from klalign.generation.types import GenerationArguments
+    from klalign.ops.batching import completion_batch
+    from klalign.ops.importance import at_scored_positions, importance_weights
+    from klalign.ops.logprobs import token_logprobs
+
+    vocab, batch, length = (32_000, 16, 64) if smoke else (151_936, 64, 512)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = build(vocab)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.to(device)
+    sampler = copy.deepcopy(model).to(torch.bfloat16)
+    args = GenerationArguments(max_new_tokens=length, generation_batch_size=batch)
+    torch.manual_seed(0)
+    done = hf_sample(sampler, tokenizer, prompts(batch), 1, args, progress=False, sampler_logprobs=True)
+    data = completion_batch([c.prompt_ids for c in done], [c.completion_ids for c in done], tokenizer.pad_token_id,
+                            device)
+    with torch.no_grad():
+        train = token_logprobs(model, **data).double()
+    mask = data["completion_mask"][:, 1:]
+    sampled = at_scored_positions([c.sampler_logprobs for c in done], data["completion_mask"]).to(device)
+    logratio = (train - sampled) * mask
+    seq = logratio.sum(1)
+    w = (seq - seq.max()).exp()
+    ess = (w.sum() ** 2 / (len(w) * (w**2).sum())).item()
+    token_w = importance_weights(train, sampled, mask, "token", 2.0)
+    clipped_tokens = ((logratio.exp() > 2.0) & mask.bool()).sum().item() / mask.sum().item()
+    clipped_sequences = (seq.exp() > 2.0).double().mean().item()
+    mismatch = (logratio.abs().sum() / mask.sum()).item()
+    note = (f"bf16 sampler vs fp32 model: mismatch {mismatch:.3f} nats/token; clipped at cap 2: tokens "
+            f"{clipped_tokens:.1%}, sequences {clipped_sequences:.1%}; sequence-weight ESS {ess:.1%} of the samples; "
+            f"token weights in [{token_w[mask.bool()].min().item():.2f}, {token_w[mask.bool()].max().item():.2f}]")
+    return [{"recipe": "importance weights", "mode": f"bf16 V={vocab} B={batch} T={length}", "status": "ok",
+             "tokens/s": "", "peak GiB": "", "MFU": "", "note": note}]
+
+
 # ----------------------------------------------------------------------------- the driver
 
 
@@ -402,10 +455,10 @@ def main() -> int:
     parser.add_argument("--out", default="runs/gpu_check", help="Where models, runs and the table go.")
     parser.add_argument("--peak_flops", type=float, default=H200_BF16_FLOPS, help="The GPU's bf16 peak, FLOP/s.")
     parser.add_argument("--timeout", type=int, default=300, help="Seconds per recipe launch.")
-    parser.add_argument("--only", nargs="+", choices=["recipes", "logprobs", "push", "sampler", "nash"],
+    parser.add_argument("--only", nargs="+", choices=["recipes", "logprobs", "push", "sampler", "importance", "nash"],
                         help="Run only these groups of rows (default: all).")
     args = parser.parse_args()
-    groups = set(args.only or ["recipes", "logprobs", "push", "sampler", "nash"])
+    groups = set(args.only or ["recipes", "logprobs", "push", "sampler", "importance", "nash"])
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
@@ -451,6 +504,8 @@ def main() -> int:
         rows += lora_push_rows(models, args.smoke)
     if "sampler" in groups:
         rows += sampler_logprob_rows(args.smoke)
+    if "importance" in groups:
+        rows += importance_rows(args.smoke)
     if not args.smoke and "nash" in groups:
         write_configs(models, out / "zero3_bf16")
         status, note = master_drift_check(out / "zero3_bf16", models, modes["zero3_bf16"], env)
