@@ -94,21 +94,30 @@ def learned_bed(tmp_path_factory):
 
 
 def test_a_pairwise_model_learns_an_intransitive_preference(learned_bed):
-    """Trained on the bed's P (3-cycles at every prompt), loaded from its folder: within 0.06 of P everywhere
-    (measured 0.032, mean 0.005) and with the same cycles, which no Bradley-Terry reward has."""
+    """Trained on the bed's P (3-cycles at every prompt), loaded from its folder: close to P on average and with
+    the same cycles, which no Bradley-Terry reward has.
+
+    The mean absolute error over the 128 cells, over init seeds 0-7 x {1, 2 threads, ATEN_CPU_CAPABILITY=default}
+    (24 runs): 0.0005-0.020 (mean 0.006); bar 0.08, midway in log scale to what a broken oracle gives (untrained
+    or unloaded weights 0.34, the second order not flipped 0.34, the sign flipped 0.68). The max error is not the bar:
+    300 Adam steps sometimes leave one ordered pair stuck near 1/2, so over the same runs it spreads 0.0025-0.26
+    (seed 0: 0.045 here, 0.069 on a Xeon) against 0.50-1.0 broken, too close to hold on every CPU."""
     bandit, _, oracle = learned_bed
     C, K = bandit.num_prompts, bandit.num_actions
     c, i, j = (x.flatten() for x in torch.meshgrid(torch.arange(C), torch.arange(K), torch.arange(K), indexing="ij"))
     learned = oracle.preference([bandit.prompts[x] for x in c], [bandit.actions[x] for x in i],
                                 [bandit.actions[x] for x in j]).view(C, K, K)
-    assert (learned - bandit.P).abs().max() < 0.06
+    assert (learned - bandit.P).abs().mean() < 0.08, (learned - bandit.P).abs().max()
     beats = (learned > 0.5).double()
     assert (torch.einsum("cab,cbd,cda->c", beats, beats, beats) > 0).all()  # a > b > d > a at every prompt
 
 
 def test_nash_mp_against_a_learned_preference_model_approaches_the_true_equilibrium(learned_bed, tmp_path):
     """Nash-MP queries the pairwise model, never the bed's table: exploitability under the true P goes from 0.070
-    to below 0.015 in 8 iterations (measured 0.005; the model's own error bounds how close it can get)."""
+    (pi_ref) to below 0.025 in 8 iterations. Over seeds 0-7 (model and trainer) x {1, 2 threads,
+    ATEN_CPU_CAPABILITY=default}: 0.0035-0.0085, also with models whose max error is 0.26 (the model's own error
+    bounds how close it can get); bar 0.025, midway in log scale to pi_ref's 0.070. Broken: the policy gradient's
+    sign flipped 0.088, its KL to pi_ref dropped 0.084, the oracle's weights not loaded 0.070."""
     bandit, folder, oracle = learned_bed
     metrics = TestbedMetricsCallback(bandit, beta=0.1)
     args = NashMPConfig(
@@ -122,7 +131,7 @@ def test_nash_mp_against_a_learned_preference_model_approaches_the_true_equilibr
                             callbacks=[metrics])
     trainer.train()
     curve = [h["testbed/exploitability"] for h in metrics.history]
-    assert curve[-1] < 0.015, curve
+    assert curve[-1] < 0.025, curve
     assert trainer.settings["oracle"] == oracle.fingerprint()
 
 
