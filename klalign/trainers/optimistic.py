@@ -158,8 +158,6 @@ def optimistic_rewards(learner: RewardLearner, phi: torch.Tensor) -> tuple[torch
     """
     G, k, _ = phi.shape
     flat = phi.flatten(0, 1)  # (G * k, d)
-    # Comparisons: b_t(x, y) = gamma ||phi(x, y) - phi_bar_t(x)||_{Sigma_t^-1}, Sigma_t = lam I + sum_s z_s z_s^T,
-    # z = phi_a - phi_b (paper 000, Zhao et al. 2025, Alg. 1's bonus on the differences comparisons inform).
     baseline = group_baselines(phi) if learner.feedback == "preference" else None
     r_hat, bonus, r_tilde = learner.predict(flat), learner.bonus(flat, baseline), learner.optimistic(flat, baseline)
     return r_hat.view(G, k), bonus.view(G, k), r_tilde.view(G, k)
