@@ -91,8 +91,14 @@ EXACT_REGIME = dict(inner_steps=10, samples_per_prompt=512, optim="sgd", learnin
                     num_rounds=3)
 
 
-def check_exact_path(method, bandit, policies, tolerance=0.03, gap_tolerance=0.012):
-    """Iterate k against the exact iterate k from pi_ref: max abs difference, and exploitability gap."""
+def check_exact_path(method, bandit, policies, tolerance=0.03, gap_tolerance=0.018):
+    """Iterate k against the exact iterate k from pi_ref: max abs difference, and exploitability gap.
+
+    Over seeds 0-7 (Nash-MD 0-15; 2 threads or ATEN_CPU_CAPABILITY=default move them by < 2e-5 on seeds
+    0-4), the largest difference over iterates 1-3: Nash-MP 0.015-0.018, mirror descent 0.019-0.021,
+    Nash-MD 0.025-0.030 (its own tolerance, 0.035); the largest gap: 0.001-0.006, 0.002-0.005,
+    0.003-0.013. Broken (seeds 0-2): Nash-MP without its half step 0.048-0.062 and gap 0.036-0.044,
+    mirror descent with one 0.032-0.035 and 0.034-0.038."""
     P, ref = bandit.P.numpy()[0], bandit.ref.numpy()[0]
     exact = EXACT[method](P, ref, 0.1, 2.0, len(policies.history))  # (T+1, K)
     for k, pi in enumerate(policies.history, start=1):
@@ -104,27 +110,29 @@ def check_exact_path(method, bandit, policies, tolerance=0.03, gap_tolerance=0.0
 
 def check_closer_to_own_path(method, other, bandit, policies):
     """The trainer's iterates are nearer the exact path of `method` than that of `other`, at every iterate
-    and by a margin (summed max-abs distance at most 0.6 of the other's), and the last iterate's
-    exploitability is on `method`'s side of the midpoint between the two exact paths'. On this game the
-    exact Nash-MP and mirror-descent iterates 1-3 differ by 0.020, 0.035, 0.046 in max abs, and
+    and by a margin (summed max-abs distance at most 0.75 of the other's: over seeds 0-7, 0.32-0.47 for
+    Nash-MP, 0.31-0.42 for mirror descent; with the two methods' steps swapped, 2.1-3.5), and the last
+    iterate's exploitability is on `method`'s side of the midpoint between the two exact paths'. On this
+    game the exact Nash-MP and mirror-descent iterates 1-3 differ by 0.020, 0.035, 0.046 in max abs, and
     their exploitabilities at k = 3 are 0.038 and 0.078."""
     P, ref = bandit.P.numpy()[0], bandit.ref.numpy()[0]
     T = len(policies.history)
     own, theirs = (EXACT[m](P, ref, 0.1, 2.0, T)[1:] for m in (method, other))  # (T, K) each
     pis = np.array([pi[0] / pi[0].sum() for pi in policies.history])  # (T, K)
     d_own, d_other = np.abs(pis - own).max(1), np.abs(pis - theirs).max(1)  # (T,) each
-    assert (d_own < d_other).all() and d_own.sum() < 0.6 * d_other.sum(), (d_own, d_other)
+    assert (d_own < d_other).all() and d_own.sum() < 0.75 * d_other.sum(), (d_own, d_other)
     e_own, e_other = exploitability(P, ref, 0.1, own[-1]), exploitability(P, ref, 0.1, theirs[-1])
     e = exploitability(P, ref, 0.1, pis[-1])
     assert abs(e - e_own) < abs(e - e_other), (e, e_own, e_other)
 
 
 def test_trainer_follows_the_exact_nash_mp_path(one_prompt, tmp_path):
-    """Iterates 1-3 within 0.03 in max abs of exact Nash-MP with eta = 2 (measured 0.006, 0.016, 0.018: the
-    approximation errors of the prox steps add up), exploitability within 0.012 (measured <= 0.006), and
-    closer to exact Nash-MP than to exact mirror descent (measured 0.006, 0.016, 0.018 against 0.022,
-    0.027, 0.034; exploitability 0.044 at k = 3). With the half step a no-op (the full step against pi_k)
-    the run is mirror descent's, twice the queries, and this fails."""
+    """Iterates 1-3 within 0.03 in max abs of exact Nash-MP with eta = 2 (seed 0: 0.006, 0.016, 0.018, the
+    approximation errors of the prox steps add up; seeds 0-7: at most 0.015-0.018), exploitability within
+    0.018 (seeds 0-7: <= 0.006), and closer to exact Nash-MP than to exact mirror descent (seed 0: 0.006,
+    0.016, 0.018 against 0.022, 0.027, 0.034; exploitability 0.044 at k = 3). With the half step a no-op
+    (the full step against pi_k) the run is mirror descent's, twice the queries, and this fails (seeds 0-2:
+    0.048-0.062 in max abs, summed distance 2.8-3.5x the other path's)."""
     bandit, folder = one_prompt
     policies = Policies(bandit)
     trainer = make_trainer(folder, tmp_path, bandit, callbacks=[policies], **EXACT_REGIME)
@@ -136,21 +144,29 @@ def test_trainer_follows_the_exact_nash_mp_path(one_prompt, tmp_path):
 
 @pytest.mark.parametrize("method", ["mirror_descent", "nash_md"])
 def test_baselines_follow_their_exact_paths(method, one_prompt, tmp_path):
-    """The same check for the baselines (Nash-MD's token-level mixture is exact on one token). Measured:
+    """The same check for the baselines (Nash-MD's token-level mixture is exact on one token). Seed 0:
     mirror descent 0.006, 0.013, 0.020 (gap <= 0.005), against 0.020, 0.036, 0.051 from exact Nash-MP;
-    Nash-MD 0.007, 0.016, 0.026 (gap <= 0.009; its exact path is within 0.034 of mirror descent's, too
-    close to tell apart at this noise)."""
+    Nash-MD 0.007, 0.016, 0.026 (gap <= 0.009). Over seeds (`check_exact_path`) Nash-MD's largest difference
+    is 0.025-0.030, so its tolerance is 0.035. Its exact path is within 0.034 of mirror descent's, too close
+    to tell apart at this noise: Nash-MD with mirror descent's anchor weight (0.030-0.047, seeds 0-3) or
+    against pi_k instead of the mixture (gap 0.015-0.020) is caught on some seeds only; its policy gradient's
+    sign flipped (0.36) always."""
     bandit, folder = one_prompt
     policies = Policies(bandit)
     make_trainer(folder, tmp_path, bandit, callbacks=[policies], method=method, **EXACT_REGIME).train()
     if method == "mirror_descent":
         check_closer_to_own_path("mirror_descent", "nash_mp", bandit, policies)
-    check_exact_path(method, bandit, policies)
+    check_exact_path(method, bandit, policies, tolerance=0.035 if method == "nash_md" else 0.03)
 
 
 def test_nash_mp_brings_exploitability_below_0_01(bed, tmp_path):
     """beta = 0.1, K = 8, intransitive, 2 prompts: exploitability 0.070 at pi_ref; below 0.01 after 6144
-    preference queries (6 iterations of eta = 4, M = 8, 64 pairs a step; measured 0.0074), 0.004 after 8192."""
+    preference queries (6 iterations of eta = 4, M = 8, 64 pairs a step) on the median seed, not on every one:
+    over seeds 0-15 (x {1, 2 threads, ATEN_CPU_CAPABILITY=default} on 0-4, the same to 2e-5) 0.0028-0.018
+    after 6144 (median 0.0084), 0.0030-0.0098 after 8192 (median 0.0054), and no lower after 12 iterations
+    (0.0020-0.0097): the floor of 32 samples a prompt. After the first iteration 0.045-0.061. Bars: 0.03
+    after 6144, 0.02 after 8192, > 0.03 after the first iteration; the policy gradient's sign flipped
+    ends at 0.086, no learning at 0.070."""
     bandit, folder = bed
     metrics = TestbedMetricsCallback(bandit, beta=0.1)
     trainer = make_trainer(folder, tmp_path, bandit, callbacks=[metrics], eta=4.0, inner_steps=8,
@@ -159,21 +175,25 @@ def test_nash_mp_brings_exploitability_below_0_01(bed, tmp_path):
     curve = [h["testbed/exploitability"] for h in metrics.history]
     queries = [h["preference_queries"] for h in trainer.state.log_history if "round" in h]
     assert queries == [1024 * (k + 1) for k in range(8)]
-    assert curve[0] > 0.04 and curve[5] < 0.01 and curve[-1] < 0.01, curve
+    assert curve[0] > 0.03 and curve[5] < 0.03 and curve[-1] < 0.02, curve
     assert max(h["testbed/off_action_mass"] for h in metrics.history) < 1e-6
 
 
 # Settings under which each method of the self-play family lands on pi* of `bed` (exploitability of pi_ref
-# 0.070), measured final exploitability on seed 0 [seed 1], and the threshold the test states.
+# 0.070), and the threshold the test states. In the comments: final exploitability on seed 0, its spread over
+# seeds 0-15 (x {1, 2 threads, ATEN_CPU_CAPABILITY=default} on 0-4, the same to 2e-5), and a broken variant's
+# (seeds 0-3); each threshold sits about midway in log scale between the worst seed and the nearer of the
+# broken variant and no learning (0.070).
 LANDING = {
     "online_ipo": (dict(inner_steps=8, samples_per_prompt=32, learning_rate=0.15, lr_scheduler_type="linear",
-                        num_rounds=8), 0.01),  # 0.0027 [0.0081]
+                        num_rounds=8), 0.025),  # 0.0027; 0.0023-0.0100; without its KL to pi_ref 0.34
     "egpo": (dict(inner_steps=2, samples_per_prompt=32, learning_rate=0.2, lr_scheduler_type="linear",
-                  num_rounds=12), 0.01),  # 0.0057 [0.0075]
+                  num_rounds=12), 0.02),  # 0.0057; 0.0030-0.0136; without its KL to pi_ref 0.034-0.063
     "sppo": (dict(inner_steps=8, samples_per_prompt=32, learning_rate=0.15, anneal_prox_steps=True,
-                  num_rounds=20), 0.02),  # 0.0096 [0.0119]: the floor of K = 32 samples' win-rate estimates
+                  num_rounds=20), 0.045),  # 0.0096; 0.0018-0.033 (the floor of K = 32 samples' win-rate
+    # estimates); unregularised (the original SPPO) 0.31
     "nash_prox": (dict(eta=4.0, inner_steps=8, samples_per_prompt=32, learning_rate=0.2, anneal_prox_steps=True,
-                       num_rounds=8), 0.01),  # 0.0065 [0.0043]
+                       num_rounds=8), 0.025),  # 0.0065; 0.0018-0.0122; without pi_ref in its anchor 0.085-0.15
 }
 
 
@@ -191,12 +211,15 @@ def test_each_self_play_method_lands_on_the_regularised_nash_equilibrium(method,
     assert max(h["testbed/off_action_mass"] for h in metrics.history) < 1e-12
 
 
-@pytest.mark.parametrize("method, tolerance", [("sppo", 0.025), ("nash_prox", 0.03)])
+@pytest.mark.parametrize("method, tolerance", [("sppo", 0.025), ("nash_prox", 0.05)])
 def test_sppo_and_nash_prox_follow_their_exact_paths(method, tolerance, one_prompt, tmp_path):
     """Many samples, M = 10 annealed steps per round: SPPO's regression is the exact regularised SPPO step
-    (`klalign.theory.sppo`, i.e. mirror descent with eta = 2; measured 0.014, 0.011 with K = 256),
+    (`klalign.theory.sppo`, i.e. mirror descent with eta = 2; seed 0: 0.014, 0.011 with K = 256),
     and Nash Prox's self-play inner loop the exact proximal-point step (`klalign.theory.nash_prox`;
-    measured 0.010, 0.014, 0.017)."""
+    seed 0: 0.010, 0.014, 0.017). Over seeds 0-7 (2 threads or ATEN_CPU_CAPABILITY=default: the same to
+    2e-5) the largest distance is 0.009-0.016 (SPPO) and 0.014-0.021 (Nash Prox); broken: SPPO without
+    pi_ref in its target 0.044-0.049, Nash Prox without the prox weight 1/eta in tau 0.51 (no learning:
+    0.14, 0.16)."""
     bandit, folder = one_prompt
     P, ref = bandit.P.numpy()[0], bandit.ref.numpy()[0]
     policies = Policies(bandit)

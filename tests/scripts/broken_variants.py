@@ -73,7 +73,7 @@ VARIANTS = {
     "nash_prox_wrong_tau": (
         "klalign/trainers/nash.py", "base, tau = w * ref + (1 - w) * pi_k, self.args.beta + 1 / self.args.eta",
         "base, tau = w * ref + (1 - w) * pi_k, self.args.beta",
-        [f"{NASH}::test_sppo_and_nash_prox_follow_their_exact_paths[nash_prox-0.03]",
+        [f"{NASH}::test_sppo_and_nash_prox_follow_their_exact_paths[nash_prox-0.05]",
          f"{NASH}::test_each_self_play_method_lands_on_the_regularised_nash_equilibrium[nash_prox]"],
         "Nash Prox forgets the proximal term's weight 1/eta in tau"),
     "optimism_off": (
