@@ -64,20 +64,30 @@ def report(bed, tmp_path_factory):
 
 
 def test_checkpoint_kl_and_reward_match_the_exact_tables(bed, report):
+    """KL (k1, k3) and reward of the checkpoint's samples against the exact tables, in standard errors.
+
+    Over sampling seeds 0-23 (2 threads: the same samples; ATEN_CPU_CAPABILITY=default: the same to 1e-6),
+    k1 and the reward are within 3.05 SE (their SEs 0.024-0.029 and 0.012-0.014): bar 4 SE. k3 is skewed
+    at 256 samples a prompt: its rare large terms make its SE 0.023-0.134 (under 0.05 on 8 seeds of 24,
+    seed 0 among them) and, where they are missing, its estimate 3.9-4.2 SE low: bars 5.5 SE and an SE
+    under 0.2. Broken: k1 of the reversed log-ratio 36 SE off, k3 of it 7.4-9.9 SE off."""
     ref, policy, reward = bed["bandit"].ref.numpy(), bed["policy"].numpy(), bed["bandit"].reward.numpy()
     exact_kl = kl(policy, ref).mean()
     exact_reward = (policy * reward).sum(-1).mean()
     [row] = report.checkpoints
     assert row["name"] == "checkpoint-1" and row["step"] == 1
     assert exact_kl > 0.3  # far enough from the reference that a wrong log-ratio shows
-    for estimator in ("kl_k1", "kl_k3"):
-        assert 0 < row[f"{estimator}_se"] < 0.05
-        assert abs(row[estimator] - exact_kl) < 3 * row[f"{estimator}_se"], (estimator, row, exact_kl)
-    assert abs(row["reward"] - exact_reward) < 3 * row["reward_se"], (row, exact_reward)
-    assert abs(report.reference["reward"] - (ref * reward).sum(-1).mean()) < 3 * report.reference["reward_se"]
+    for estimator, max_se, max_z in (("kl_k1", 0.05, 4), ("kl_k3", 0.2, 5.5)):
+        assert 0 < row[f"{estimator}_se"] < max_se
+        assert abs(row[estimator] - exact_kl) < max_z * row[f"{estimator}_se"], (estimator, row, exact_kl)
+    assert abs(row["reward"] - exact_reward) < 4 * row["reward_se"], (row, exact_reward)
+    assert abs(report.reference["reward"] - (ref * reward).sum(-1).mean()) < 4 * report.reference["reward_se"]
 
 
 def test_best_of_n_curve_matches_the_exact_law(bed, report):
+    """Over sampling seeds 0-23: rewards within 2.0 SE (bar 3.5); the KL estimate within 0.0015-0.023 of its
+    exact mean (bar 0.06; Beirami's D averaged over the reference's samples instead of best-of-N's: 0.17-0.18);
+    best-of-8 gains 0.66-0.76 over best-of-1 (bar 0.5)."""
     ref, reward = bed["bandit"].ref.numpy(), bed["bandit"].reward.numpy()
     assert [row["n"] for row in report.best_of_n] == [1, 2, 4, 8]
     for row in report.best_of_n:
@@ -87,16 +97,19 @@ def test_best_of_n_curve_matches_the_exact_law(bed, report):
         assert row["kl_bound"] == pytest.approx(np.log(n) - (n - 1) / n)
         assert 0 <= row["kl_estimate"] <= row["kl_bound"] + 1e-12
         # eps is exact here (one response per reward level): the estimate is Beirami's estimator's mean
-        assert row["kl_estimate"] == pytest.approx(best_of_n_kl_estimate_mean(ref, reward, n).mean(), abs=0.03)
+        assert row["kl_estimate"] == pytest.approx(best_of_n_kl_estimate_mean(ref, reward, n).mean(), abs=0.06)
     assert report.best_of_n[-1]["reward"] > report.best_of_n[0]["reward"] + 0.5
 
 
 def test_tilted_frontier_matches_the_exact_tilt(bed, report):
+    """Self-normalised weights over 256 reference samples a prompt: over sampling seeds 0-23 the largest error
+    over lam in {0, 0.5, 1, 2} is 0.007-0.045 in reward and 0.002-0.045 in KL (bar 0.09; the weights at
+    lam / 2: 0.20 and 0.29-0.32)."""
     ref, reward = bed["bandit"].ref.numpy(), bed["bandit"].reward.numpy()
     for row in report.frontier:
         exact_reward, exact_kl = tilted_frontier(ref, reward, row["lam"])
-        assert row["reward"] == pytest.approx(exact_reward.mean(), abs=0.04)
-        assert row["kl"] == pytest.approx(exact_kl.mean(), abs=0.04)
+        assert row["reward"] == pytest.approx(exact_reward.mean(), abs=0.09)
+        assert row["kl"] == pytest.approx(exact_kl.mean(), abs=0.09)
     assert report.frontier[0]["kl"] == 0 and report.frontier[0]["ess"] == 256
 
 

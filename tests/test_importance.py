@@ -64,10 +64,13 @@ def test_the_correction_removes_the_bias_of_sampling_at_another_temperature(beds
     ref = read_policy(AutoModelForCausalLM.from_pretrained(ref_folder), bandit)
     exact = (pi * (pi / ref).log()).sum(-1).mean().item()  # KL(pi || pi_ref), prompts drawn uniformly
     plain, corrected = kl_estimates(beds, tmp_path, "none"), kl_estimates(beds, tmp_path, level)
-    tolerance = 4 * 0.6 / math.sqrt(1024)  # ~4 standard errors of the weighted mean (per-sample sd below ~0.6)
+    # ~4 standard errors of the weighted mean: over sampling seeds 0-23 (2 threads: the same samples) the
+    # sequence-level estimate's error is -0.083..0.067, sd 0.033 (a per-sample sd of ~1.05), and the uncorrected
+    # one's bias -0.22..-0.40; the tolerance 0.13 sits midway in log scale between the two.
+    tolerance = 4 * 1.05 / math.sqrt(1024)
     assert abs(corrected["kl_k1"] - exact) < tolerance, (corrected["kl_k1"], exact)
-    assert abs(plain["kl_k1"] - exact) > 2 * tolerance, (plain["kl_k1"], exact)  # the bias it removed
-    # The mismatch is measured every round: tempered sampling makes the sampler's log-probs differ.
+    assert abs(plain["kl_k1"] - exact) > tolerance, (plain["kl_k1"], exact)  # the bias it removed
+    # The mismatch is measured every round: tempered sampling makes the sampler's log-probs differ (0.16-0.19).
     assert corrected["sampler/mismatch_mean"] > 0.05 and plain["sampler/mismatch_mean"] > 0.05
     assert 0 <= corrected["sampler/clipped_tokens"] < 1 and 0 < corrected["sampler/sequence_ess"] <= 1  # cap 20: few clipped
 
