@@ -1,8 +1,10 @@
 """Offline DPO lands on the tilted optimum pi_ref * exp(r / beta) of the single-token test bed.
 
 ALGORITHMS.md section 2: with Bradley-Terry labels from a known reward, the DPO population optimum
-is the tilt. Measured: KL(pi || pi*) averaged over 4 prompts ~0.009 with 4000 uniform pairs
-(statistical error of the labels dominates); the bar is 0.02.
+is the tilt. KL(pi || pi*) averaged over 4 prompts with 4000 uniform pairs (the statistical error of the
+labels dominates), over the pairs' and the trainer's seeds 0-7: 0.0037-0.0116, seed 0 the worst (2 threads
+and ATEN_CPU_CAPABILITY=default on seeds 0-2: the same to 1e-6). The bar, 0.035, sits midway in log scale
+between that and the loss at 2 beta or beta / 2 (0.11, 0.16); the reference itself is at 0.72.
 """
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -37,4 +39,4 @@ def test_dpo_reaches_the_tilted_optimum(tmp_path):
     start = kl(bandit.ref.numpy(), optimum).mean()
     reached = kl(pi, optimum).mean()
     assert start > 0.5  # the optimum is far from the reference: the test can fail
-    assert reached < 0.02, f"KL(pi || pi*) = {reached:.4f} (from {start:.3f})"
+    assert reached < 0.035, f"KL(pi || pi*) = {reached:.4f} (from {start:.3f})"
