@@ -47,14 +47,19 @@ def bed(tmp_path_factory):
 
 
 def test_gshf_lands_near_the_tilted_optimum(bed, tmp_path):
-    """BT oracle over a known reward: KL(pi || pi_ref exp(r/beta)/Z) < 0.02 after 2560 queries."""
+    """BT oracle over a known reward: KL(pi || pi_ref exp(r/beta)/Z) < 0.028 after 2560 queries (pi_ref: 0.19).
+
+    Over seeds 0-7: 0.0085-0.015 after 2560 queries (first under 0.02 after 704-1792), 0.094-0.19 after the
+    first round; on seeds 0-1 2 threads give the same, ATEN_CPU_CAPABILITY=default another path (0.015,
+    0.010). The DPO loss at 2 beta stays at 0.050-0.051. The bars, 0.028 and a first round above 0.05, sit
+    midway in log scale."""
     bandit, folder = bed
     metrics = TestbedMetricsCallback(bandit, beta=1.0)
     trainer = make_trainer(folder, tmp_path, bandit, BradleyTerryPreference(TestbedReward(bandit)), [metrics],
                            num_rounds=40)
     trainer.train()
     kls = [h["testbed/kl_to_optimum"] for h in metrics.history]
-    assert kls[0] > 0.1 and kls[-1] < 0.02, kls[-5:]
+    assert kls[0] > 0.05 and kls[-1] < 0.028, kls[-5:]
     assert metrics.history[-1]["testbed/off_action_mass"] < 1e-4
     assert sum(h["oracle_queries"] for h in trainer.state.log_history if "round" in h) == 40 * 64
 
