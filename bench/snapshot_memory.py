@@ -38,16 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from logprob_memory import status_kib  # (one copy; the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("before", "after")
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def reset_peak() -> None:
