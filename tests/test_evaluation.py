@@ -268,3 +268,42 @@ def test_the_estimated_tilt_dominates_the_estimated_best_of_n_on_one_footing(opt
     for row in optimum_report.best_of_n:
         assert row["kl_empirical"] <= kls[-1]
         assert np.interp(row["kl_empirical"], kls, rewards) >= row["reward_empirical"] - 1e-9, row
+
+
+def test_the_checkpoints_own_log_probs_come_from_its_sampler(tmp_path, monkeypatch):
+    """HF samples at temperature 1 in eval mode, so the sampler's log-probs of its tokens are the checkpoint's:
+    the evaluator keeps them, for the reference's samples too, and scores only the checkpoint's samples under
+    the reference (issue 22, item 2: before, 3 scoring passes here, each model over its own samples and the
+    reference over the checkpoint's; now 1). The kept values equal a recompute to 1e-5 a token on the tiny
+    model (a recompute is another computation order; SmolLM2 fp32: 4e-5 a token)."""
+    from transformers import AutoModelForCausalLM
+
+    from klalign.ops.logprobs import completion_logprobs
+
+    save_tiny_model("policy", tmp_path / "ref", seed=0)
+    save_tiny_model("policy", tmp_path / "run" / "checkpoint-1", seed=1)
+    calls = []
+
+    def counting(model, completions, pad_token_id, batch_size):
+        calls.append((model, completions))
+        return completion_logprobs(model, completions, pad_token_id, batch_size)
+
+    monkeypatch.setattr(evaluation, "completion_logprobs", counting)
+    args = EvaluationArguments(
+        checkpoints=[str(tmp_path / "run")], reference_model_path=str(tmp_path / "ref"),
+        prompt_dataset_path="configs/data/tiny_prompts.jsonl", max_prompts=3, num_samples=4, best_of_n_max=2,
+        frontier_lambdas=[0.0], output_dir=str(tmp_path / "out"), reward_fn="vader",
+    )
+    evaluate_checkpoints(args, GenerationArguments(max_new_tokens=12, generation_batch_size=12))
+    assert len(calls) == 1  # the checkpoint's 12 samples, scored by the reference
+    scorer, completions = calls[0]
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ref")
+    assert all((a == b).all() for a, b in zip(scorer.parameters(), reference.parameters()))
+    record = json.loads(next((tmp_path / "out" / "cache").glob("checkpoint-*.json")).read_text())
+    assert [c.completion_ids for c in completions] == [ids for per in record["completion_ids"] for ids in per]
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-1").eval()
+    pad = AutoTokenizer.from_pretrained(tmp_path / "ref").pad_token_id
+    recomputed = completion_logprobs(policy, completions, pad, 16)  # (12,)
+    tokens = sum(len(c.completion_ids) for c in completions)
+    assert tokens > 24
+    np.testing.assert_allclose(np.ravel(record["logprobs"]), recomputed, atol=1e-5 * 12, rtol=0)

@@ -195,3 +195,29 @@ def test_sampler_logprobs_keep_no_per_step_scores(likely_to_stop, monkeypatch):
     samples = hf_sample(model, tokenizer, ["Hi", "Describe the city."], 3, args, progress=False, sampler_logprobs=True)
     assert all(len(s.sampler_logprobs) == len(s.completion_ids) for s in samples)
     assert asked and all(not scores and not logits for scores, logits in asked)
+
+
+def test_a_prompt_is_prefilled_once_for_its_samples(likely_to_stop):
+    """n samples of a prompt: its KV cache is computed once and repeated over them (issue 22, item 1), so the
+    model embeds each prompt's tokens but the last once, and the last one per sample (before: every row
+    prefilled its whole prompt). `test_sampler_logprobs_equal_generates_processed_scores` checks the draws and
+    log-probs against plain `generate`; a call that splits a prompt's samples takes the plain path."""
+    from klalign.data.prompts import prompt_token_ids
+    from klalign.generation.hf import hf_sample
+
+    model, tokenizer = likely_to_stop
+    prompts = ["How was the movie today, tell me?", "Hi there", [{"role": "user", "content": "Describe the city."}]]
+    lengths = [len(prompt_token_ids(tokenizer, p)) for p in prompts]
+    width = max(lengths)  # left-padded to the longest
+    embedded = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: embedded.append(i[0].numel()))
+    try:  # one new token: only prefill passes run
+        hf_sample(model, tokenizer, prompts, 4, GenerationArguments(max_new_tokens=1, generation_batch_size=12),
+                  progress=False)
+        assert sum(embedded) == 3 * (width - 1) + 12 < 12 * width, embedded
+        embedded.clear()
+        hf_sample(model, tokenizer, prompts, 4, GenerationArguments(max_new_tokens=1, generation_batch_size=10),
+                  progress=False)  # 10 rows, then 2: the first prompt's samples would span two calls
+        assert embedded == [10 * width, 2 * lengths[2]], embedded
+    finally:
+        hook.remove()

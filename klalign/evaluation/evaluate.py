@@ -68,8 +68,7 @@ from klalign.models.placement import (
     run_launched,
     whole_model_loading,
 )
-from klalign.ops.batching import completion_batch
-from klalign.ops.logprobs import sequence_logprobs
+from klalign.ops.logprobs import completion_logprobs
 from klalign.oracles.base import RewardOracle
 from klalign.oracles.build import build_reward_oracle
 from klalign.runs.integrity import model_digest
@@ -160,18 +159,6 @@ class EvaluationReport:
 # ----------------------------------------------------------------------------- sampling and statistics
 
 
-@torch.no_grad()
-def completion_logprobs(model, completions: list, pad_token_id: int, batch_size: int) -> np.ndarray:
-    """s(y) under `model` for each completion, on its exact prompt and completion ids. (N,) float64"""
-    device = next(model.parameters()).device
-    out = []
-    for start in tqdm(range(0, len(completions), batch_size), desc="log-probs", leave=False):
-        chunk = completions[start : start + batch_size]
-        batch = completion_batch([c.prompt_ids for c in chunk], [c.completion_ids for c in chunk], pad_token_id, device)
-        out.append(sequence_logprobs(model, **batch).double().cpu())  # (b,)
-    return torch.cat(out).numpy()
-
-
 def _sample(model, tokenizer, oracle, prompts, args, generation, logprob_models: dict, engine=None, key=None) -> dict:
     """Sample n responses per prompt, score them, and take s(y) under each of `logprob_models`.
 
@@ -180,15 +167,22 @@ def _sample(model, tokenizer, oracle, prompts, args, generation, logprob_models:
     returns the whole record; each field is (P, n) in prompt order.
     """
     keys = [prompt_key(p) for p in prompts]
+    # HF samples at temperature 1 and top_p 1 (checked in `_prepare`) in eval mode: the sampler's log-probs of
+    # its tokens are the model's own, so its scoring pass is skipped (issue 22, item 2). They equal a recompute
+    # to the float rounding of another computation order (SmolLM2 fp32: 4e-5 a token; tests/test_evaluation.py).
+    # vLLM's come from other kernels (and dtypes): recomputed.
+    own_sampler = engine is None
 
     def work(group: list[int]) -> list[dict]:
         group_prompts = [prompts[i] for i in group]
         completions, rewards = sample_and_score(model, tokenizer, oracle, group_prompts, args.num_samples, generation,
                                                 seed=derived_seed(args.seed, "evaluate", *(keys[i] for i in group)),
-                                                engine=engine, weights_key=key)
+                                                engine=engine, weights_key=key, sampler_logprobs=own_sampler)
         flat = [c for per_prompt in completions for c in per_prompt]
-        logps = {name: completion_logprobs(scorer, flat, tokenizer.pad_token_id, args.logprob_batch_size)
-                 .reshape(rewards.shape) for name, scorer in logprob_models.items()}  # (g, n) each
+        logps = {name: np.array([sum(c.sampler_logprobs) for c in flat]) if own_sampler and scorer is model
+                 else completion_logprobs(scorer, flat, tokenizer.pad_token_id, args.logprob_batch_size)
+                 for name, scorer in logprob_models.items()}
+        logps = {name: logp.reshape(rewards.shape) for name, logp in logps.items()}  # (g, n) each
         return [{"texts": [c.text for c in per_prompt], "completion_ids": [c.completion_ids for c in per_prompt],
                  "rewards": rewards[j].tolist(), **{name: logp[j].tolist() for name, logp in logps.items()}}
                 for j, per_prompt in enumerate(completions)]

@@ -146,6 +146,19 @@ def recording_sampled_logprobs(config: GenerationConfig) -> tuple[GenerationConf
     return config, LogitsProcessorList([*warpers, recorder]), recorder
 
 
+def prefilled_prompts(model, enc: dict[str, torch.Tensor], num_samples: int):
+    """The KV cache of each prompt's tokens but the last, computed once and repeated over its `num_samples`
+    contiguous rows of `enc` (left-padded, (k n, L)): `generate` given it runs only the last prompt token,
+    so a prompt is prefilled once, not n times (issue 22, item 1; transformers' documented prefix caching).
+    Positions as `generate` derives them from the mask, so the cache is the one it would have built."""
+    ids, mask = enc["input_ids"][::num_samples, :-1], enc["attention_mask"][::num_samples, :-1]  # (k, L-1)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(num_samples)
+    return cache
+
+
 @torch.no_grad()
 def hf_sample(model, tokenizer, prompts: list, num_samples: int, args: GenerationArguments, accelerator=None,
               progress: bool = True, sampler_logprobs: bool = False) -> list[Completion]:
@@ -161,10 +174,14 @@ def hf_sample(model, tokenizer, prompts: list, num_samples: int, args: Generatio
         unwrapped.eval()
         device = next(unwrapped.parameters()).device
         starts = range(0, len(flat), args.generation_batch_size)
+        # Each call holds whole groups of a prompt's samples: prefill each prompt once (`prefilled_prompts`).
+        shared = num_samples > 1 and args.generation_batch_size % num_samples == 0 and min(map(len, ids)) > 1
         with without_checkpoint_defaults(unwrapped):
             for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
                 chunk = flat[start : start + args.generation_batch_size]
                 enc = left_padded([i for _, i in chunk], pad_id, device)
+                if shared:
+                    enc["past_key_values"] = prefilled_prompts(unwrapped, enc, num_samples)
                 if sampler_logprobs:  # a fresh recorder per call
                     recording, processors, recorder = recording_sampled_logprobs(config)
                     sequences = unwrapped.generate(**enc, generation_config=recording, logits_processor=processors)

@@ -51,7 +51,7 @@ from klalign.theory import (
 def sample_and_score(
     model, tokenizer, oracle: RewardOracle, prompts: list, num_samples: int,
     generation: GenerationArguments | None = None, seed: int | None = None, accelerator=None, progress: bool = False,
-    engine=None, weights_key=None,
+    engine=None, weights_key=None, sampler_logprobs: bool = False,
 ) -> tuple[list[list[Completion]], torch.Tensor]:
     """`num_samples` completions per prompt and their rewards: (completions, (P, n) float64 scores).
 
@@ -59,9 +59,10 @@ def sample_and_score(
     time), so n larger than a batch is simply split across generate() calls; with a vLLM `engine`
     (and `model`'s weights pushed under `weights_key`), vLLM batches them. The oracle sees each
     prompt as given (a string or a conversation) and is called once for all P * n responses.
+    `sampler_logprobs`: each completion carries the sampler's log-probs of its tokens (`sample_completions`).
     """
     completions = sample_completions(model, tokenizer, prompts, num_samples, generation, seed, accelerator, progress,
-                                     engine=engine, weights_key=weights_key)
+                                     engine=engine, weights_key=weights_key, sampler_logprobs=sampler_logprobs)
     flat = [c for per_prompt in completions for c in per_prompt]
     scores = oracle.score([c.prompt for c in flat], [c.text for c in flat])  # (P * n,)
     return completions, scores.view(len(prompts), num_samples)

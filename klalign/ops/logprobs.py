@@ -16,6 +16,9 @@ plain linear map (soft-capped or scaled logits).
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import torch
 
 from klalign.ops.modules import base_model, text_config, unwrap
@@ -97,3 +100,65 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """`s(y)`: the summed log-prob of each row's completion. (B, T) -> (B,)"""
     return token_logprobs(model, input_ids, attention_mask, completion_mask, lean).sum(dim=1)
+
+
+@torch.no_grad()
+def shared_prompt_token_logprobs(model, prompt_ids: list[int], completion_ids: list[list[int]], pad_token_id: int,
+                                 batch_size: int | None = None) -> torch.Tensor:
+    """Per-token log-probs of n completions of one prompt, the prompt run once. (n, W), zero past each end.
+
+    The prompt's KV cache is computed once and repeated over the completions, which run on it (`batch_size`
+    at a time), instead of n rows that each recompute the prompt: the prefix sharing GPU peers use for DPO's
+    chosen and rejected (issue 22, item 1). Equal to `token_logprobs` on the n full rows to float rounding.
+    No gradients: for evaluation and other frozen scoring. W is the longest completion; a head that is not
+    a plain linear map (see `_plain_head`) takes the plain path on full rows."""
+    from klalign.ops.batching import completion_batch
+
+    device = next(model.parameters()).device
+    n, width, p = len(completion_ids), max((len(c) for c in completion_ids), default=0), len(prompt_ids)
+    if width == 0:
+        return torch.zeros(n, 0, device=device)
+    if not _plain_head(model) or p == 0:
+        batch = completion_batch([prompt_ids] * n, completion_ids, pad_token_id, device)
+        return token_logprobs(model, **batch, lean=False)[:, p - 1 : p - 1 + width]  # (n, W)
+    prompt = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1,
+                   output_hidden_states=True)
+    first = prompt.hidden_states[-1][:, -1:]  # (1, 1, H): the state that predicts every completion's first token
+    head = unwrap(model).get_output_embeddings()
+    out = []
+    step = batch_size or n
+    for start in range(0, n, step):
+        rows = completion_ids[start : start + step]
+        b = len(rows)
+        ids = torch.full((b, width), pad_token_id, dtype=torch.long, device=device)  # (b, W)
+        mask = torch.zeros((b, width), dtype=torch.long, device=device)  # (b, W)
+        for i, c in enumerate(rows):
+            ids[i, : len(c)], mask[i, : len(c)] = torch.tensor(c, device=device), 1
+        cache = copy.deepcopy(prompt.past_key_values) if start + step < n else prompt.past_key_values
+        cache.batch_repeat_interleave(b)
+        body = model(input_ids=ids, attention_mask=torch.cat([mask.new_ones(b, p), mask], dim=1),
+                     position_ids=torch.arange(p, p + width, device=device).expand(b, -1), past_key_values=cache,
+                     use_cache=True, logits_to_keep=1, output_hidden_states=True)
+        hidden = torch.cat([first.expand(b, 1, -1), body.hidden_states[-1][:, :-1]], dim=1)  # (b, W, H)
+        scored = mask.bool()
+        h, y = hidden[scored], ids[scored]  # (N, H), (N,)
+        chunks = [_chunk_logprobs(head, h[i : i + TOKEN_CHUNK], y[i : i + TOKEN_CHUNK])
+                  for i in range(0, len(y), TOKEN_CHUNK)]
+        out.append(torch.zeros(b, width, device=device).masked_scatter(scored, torch.cat(chunks)))
+    return torch.cat(out)  # (n, W)
+
+
+@torch.no_grad()
+def completion_logprobs(model, completions: list, pad_token_id: int, batch_size: int) -> np.ndarray:
+    """s(y) under `model` for each completion (anything with `prompt_ids` and `completion_ids`, such as
+    `klalign.generation.types.Completion`), on its exact token ids. (N,) float64
+
+    Consecutive completions of one prompt share one pass over it (`shared_prompt_token_logprobs`)."""
+    out, start = [], 0
+    for end in range(1, len(completions) + 1):
+        if end == len(completions) or completions[end].prompt_ids != completions[start].prompt_ids:
+            group = completions[start:end]
+            out.append(shared_prompt_token_logprobs(model, group[0].prompt_ids, [c.completion_ids for c in group],
+                                                    pad_token_id, batch_size).double().sum(1).cpu())  # (g,)
+            start = end
+    return torch.cat(out).numpy() if out else np.zeros(0)
