@@ -116,9 +116,11 @@ def shared_prompt_token_logprobs(model, prompt_ids: list[int], completion_ids: l
 
     device = next(model.parameters()).device
     n, width, p = len(completion_ids), max((len(c) for c in completion_ids), default=0), len(prompt_ids)
+    if p == 0:
+        raise ValueError("shared_prompt_token_logprobs: the prompt has no tokens (the first token needs a context)")
     if width == 0:
         return torch.zeros(n, 0, device=device)
-    if not _plain_head(model) or p == 0:
+    if not _plain_head(model):
         batch = completion_batch([prompt_ids] * n, completion_ids, pad_token_id, device)
         return token_logprobs(model, **batch, lean=False)[:, p - 1 : p - 1 + width]  # (n, W)
     prompt = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1,
