@@ -91,6 +91,11 @@ INTERNALS = [
     Internal("DPOTrainer.precompute_ref_logps", "trl", "klalign.trainers.dpo",
              "whether TRL precomputed the reference log-probs (`ref_chosen_logps` in the batch) is only recorded here",
              lambda: _source_mentions(DPO, "__init__", "self.precompute_ref_logps")),
+    Internal("Trainer._set_signature_columns_if_needed / self._signature_columns", "transformers",
+             "klalign.trainers.dpo (pair_labels: expected)",
+             "the columns a Trainer keeps for its collator are decided there; no public argument adds one to TRL's "
+             "list (remove_unused_columns=False would keep every column, text included)",
+             lambda: _source_mentions(TRAINER, "_remove_unused_columns", "_signature_columns")),
     Internal("DPOTrainer._metrics[mode][key]", "trl", "klalign.trainers.dpo",
              "TRL logs the metrics collected there; there is no public way to add a metric to its logs",
              lambda: _source_mentions(DPO, "__init__", "self._metrics")),

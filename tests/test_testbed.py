@@ -186,8 +186,12 @@ def test_preference_dataset_labels_follow_the_oracle(kind):
         oracle = TestbedPreference(bandit)
     P = bandit.preference_matrix()  # (C, K, K)
     data = bandit.preference_dataset(12000, seed=0, oracle=oracle)
-    assert data.column_names == ["prompt", "chosen", "rejected"]
-    assert all(isinstance(data[0][col], str) for col in data.column_names)
+    assert data.column_names == ["prompt", "chosen", "rejected", "preference_prob"]
+    assert all(isinstance(data[0][col], str) for col in ("prompt", "chosen", "rejected"))
+    for row in data.select(range(50)):  # the stored P(chosen > rejected) is the oracle's, oriented to the chosen
+        c, a, b = (bandit.prompts.index(row["prompt"]), bandit.action_index(row["chosen"]),
+                   bandit.action_index(row["rejected"]))
+        assert row["preference_prob"] == pytest.approx(P[c, a, b].item(), abs=1e-6)
     wins = torch.zeros_like(P)  # wins[c, a, b]: a chosen over b; games counts each game at (a, b) and (b, a)
     for row in data:
         c = bandit.prompt_index(row["prompt"])

@@ -53,6 +53,27 @@ PREFERENCE_LOSSES: dict[str, Loss] = {
 }
 
 
+def bradley_terry_probability(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """P(chosen > rejected) = sigmoid(r_c - r_r): the Bradley-Terry preference of a reward (ALGORITHMS.md
+    section 2) under which DPO with coefficient beta fits the tilt pi_ref exp(r / beta), the maximiser of
+    J = E r - beta KL. (B,)"""
+    return torch.sigmoid(chosen_rewards - rejected_rewards)
+
+
+def expected_label_loss(loss: Loss, chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths,
+                        beta: float, prob: torch.Tensor) -> torch.Tensor:
+    """`loss` averaged over the pair's Bradley-Terry label: p loss(c, r) + (1 - p) loss(r, c), p = P(c > r).
+
+    For DPO's sigmoid loss this is the cross-entropy against the soft label p, the population loss of
+    labels drawn from P (Rafailov et al. 2023, eq. 7 in expectation): the same minimiser, the tilt, with no
+    label noise. A deterministic label (the higher reward always wins) is the BT preference of an infinitely
+    scaled reward: its minimiser drives every margin to infinity, which is why DPO on ranked pairs overshoots
+    the KL. (B,)"""
+    forward = loss(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths, beta)
+    backward = loss(rejected_logratios, chosen_logratios, rejected_lengths, chosen_lengths, beta)
+    return prob * forward + (1 - prob) * backward
+
+
 def get_preference_loss(name: str) -> Loss:
     """The loss function for `loss_type`, or a clear error listing the choices."""
     if name not in PREFERENCE_LOSSES:

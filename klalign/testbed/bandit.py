@@ -233,7 +233,7 @@ class SingleTokenBandit:
         self, n: int, seed: int = 0,
         sampler: torch.Tensor | None = None, oracle: PreferenceOracle | None = None,
     ) -> Dataset:
-        """n labelled pairs: "prompt", "chosen", "rejected" strings.
+        """n labelled pairs: "prompt", "chosen", "rejected" strings and "preference_prob", P(chosen > rejected).
 
         Prompts cycle through the C prompts; the two responses are drawn independently from
         `sampler` (C, K), conditioned on being different (default: uniform over distinct
@@ -255,7 +255,9 @@ class SingleTokenBandit:
         a_wins = sample_preference_labels(probs, generator=g).bool()  # (n,)
         chosen = [self.actions[i] for i in torch.where(a_wins, a, b)]
         rejected = [self.actions[i] for i in torch.where(a_wins, b, a)]
-        return Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected})
+        chosen_prob = torch.where(a_wins, probs, 1 - probs)  # (n,)
+        return Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected,
+                                  "preference_prob": chosen_prob.tolist()})
 
     # --- typical instances
 

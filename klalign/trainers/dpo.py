@@ -20,7 +20,14 @@ from klalign.config.checks import check_training_config
 from klalign.models.reference import Reference
 from klalign.ops.logprobs import sequence_logprobs
 from klalign.ops.modules import disable_dropout
-from klalign.ops.preference_losses import PREFERENCE_LOSSES, get_preference_loss
+from klalign.ops.preference_losses import (
+    PREFERENCE_LOSSES,
+    bradley_terry_probability,
+    expected_label_loss,
+    get_preference_loss,
+)
+
+LABEL_PROB = "preference_prob"  # the column a pair's P(chosen > rejected) is carried in
 
 
 @dataclass
@@ -35,6 +42,13 @@ class DPOConfig(trl.DPOConfig):
         default="sigmoid",
         metadata={"help": f"Preference loss, one of {sorted(PREFERENCE_LOSSES)}."},
     )
+    pair_labels: str = field(
+        default="drawn",
+        metadata={"help": "'drawn': each pair's chosen response is the preferred one (TRL's DPO). 'expected': the loss "
+                          "averaged over each pair's Bradley-Terry label, P(chosen > rejected) from a preference_prob "
+                          "column or sigmoid(chosen_reward - rejected_reward) from reward columns (RSO's pairs carry "
+                          "them): DPO's optimum is then the tilt pi_ref exp(r / beta)."},
+    )
     bf16: bool | None = field(
         default=None, metadata={"help": "Train in bfloat16 mixed precision; default: on when a bf16 GPU is present."}
     )
@@ -47,6 +61,8 @@ class DPOConfig(trl.DPOConfig):
         if len(loss_types) != 1:
             raise ValueError(f"loss_type takes one loss in klalign, got {loss_types}")
         get_preference_loss(loss_types[0])
+        if self.pair_labels not in ("drawn", "expected"):
+            raise ValueError(f"pair_labels must be 'drawn' or 'expected', got {self.pair_labels!r}")
         if self.f_divergence_type != "reverse_kl":
             raise ValueError(f"klalign's DPOTrainer is reverse-KL only; got f_divergence_type={self.f_divergence_type!r}")
         unsupported = {
@@ -73,7 +89,13 @@ class DPOTrainer(trl.DPOTrainer):
         elif not isinstance(args, DPOConfig):
             raise TypeError(f"args must be a klalign.DPOConfig, got {type(args).__name__}")
         self.preference_loss = get_preference_loss(args.loss_type)
+        if args.pair_labels == "expected":  # checked before any tokenisation or reference pass
+            for name in ("train_dataset", "eval_dataset"):
+                if kwargs.get(name) is not None:
+                    kwargs[name] = with_label_probabilities(kwargs[name], name)
         super().__init__(model, ref_model, args, *pargs, **kwargs)
+        if args.pair_labels == "expected":
+            self.data_collator = _KeepLabelProbabilities(self.data_collator)
         if args.disable_dropout:  # TRL's own pass misses the float attention-dropout rates (klalign.ops.modules)
             for module in (self.model, self.ref_model):
                 if module is not None:
@@ -88,6 +110,11 @@ class DPOTrainer(trl.DPOTrainer):
         if self.ref_model is None and is_peft_model(self.model):
             adapter = "ref" if "ref" in self.accelerator.unwrap_model(self.model).peft_config else None
         return Reference(self.ref_model, self.accelerator, adapter_name=adapter)
+
+    def _set_signature_columns_if_needed(self):  # private: klalign.internals (TRL lists the columns it keeps)
+        super()._set_signature_columns_if_needed()
+        if self.args.pair_labels == "expected" and LABEL_PROB not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, LABEL_PROB]
 
     @staticmethod
     def _split_inputs(inputs):
@@ -119,9 +146,13 @@ class DPOTrainer(trl.DPOTrainer):
         # TRL's collator marks the completion from its first token; the shifted mask counts them.
         lengths = inputs["completion_mask"][:, 1:].sum(dim=1).to(logps.dtype)
         chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
-        per_pair = self.preference_loss(
-            chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths, self.beta
-        )
+        if self.args.pair_labels == "expected":
+            per_pair = expected_label_loss(self.preference_loss, chosen_logratios, rejected_logratios, chosen_lengths,
+                                           rejected_lengths, self.beta, inputs[LABEL_PROB].to(logps))  # (B,)
+        else:
+            per_pair = self.preference_loss(
+                chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths, self.beta
+            )
         loss = per_pair.mean()
         self._log_pair_metrics(mode, chosen_logratios, rejected_logratios, chosen_logps, rejected_logps)
         if mode == "train":  # tokens trained on so far (prompt + completion, all processes), as TRL logs it
@@ -145,3 +176,31 @@ class DPOTrainer(trl.DPOTrainer):
         metrics["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
         metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
         metrics["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
+
+
+def with_label_probabilities(dataset, name: str = "train_dataset"):
+    """The dataset with a `preference_prob` column: kept if present, else sigmoid(chosen_reward - rejected_reward).
+    A dataset with neither is refused, naming the columns it has."""
+    columns = dataset.column_names
+    if LABEL_PROB in columns:
+        return dataset
+    if not {"chosen_reward", "rejected_reward"} <= set(columns):
+        raise ValueError(f"pair_labels 'expected' needs a {LABEL_PROB!r} column or 'chosen_reward' and 'rejected_reward' "
+                         f"columns in {name}; it has {columns}. Set pair_labels: drawn for a dataset of labels only.")
+    def add(batch):
+        probs = bradley_terry_probability(torch.tensor(batch["chosen_reward"], dtype=torch.float64),
+                                          torch.tensor(batch["rejected_reward"], dtype=torch.float64))
+        return {LABEL_PROB: probs.tolist()}
+    return dataset.map(add, batched=True)
+
+
+class _KeepLabelProbabilities:
+    """TRL's preference collator, plus each pair's P(chosen > rejected) as a (B,) tensor (TRL's drops extra keys)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        batch[LABEL_PROB] = torch.tensor([example[LABEL_PROB] for example in examples], dtype=torch.float32)
+        return batch

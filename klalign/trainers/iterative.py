@@ -15,8 +15,13 @@ iterate). Enhancers, selected by `enhancer` (see `klalign.trainers.enhancers`):
   for a frozen feature map phi (the reference's mean last hidden state), Sigma = lam I + sum of
   past pairs' outer products.
 
-With a preference oracle a pair's label is drawn from P(a > b); with a reward oracle the higher
-reward wins (ties carry no preference and are dropped).
+A pair's label enters the loss by `pair_labels`. 'expected' (the default): the loss averaged over the
+Bradley-Terry label, P(a > b) the preference oracle's probability or sigmoid(r_a - r_b) for a reward
+oracle, so the population optimum is the tilt pi_ref exp(r / beta), the maximiser of J = E r - beta KL
+(ALGORITHMS.md section 2); reward ties are trained on at P = 1/2. 'drawn': one label per pair, drawn from
+P(a > b) for a preference oracle, the higher reward for a reward oracle (TRL's OnlineDPO, GSHF's
+experiments); ties carry no preference and are dropped. Deterministic labels are the BT preference of an
+infinitely scaled reward: DPO then drives the margins without bound and overshoots the KL.
 """
 
 from __future__ import annotations
@@ -34,7 +39,12 @@ from klalign.ops.importance import (
     sample_statistics,
     weighted_kl,
 )
-from klalign.ops.preference_losses import PREFERENCE_LOSSES, get_preference_loss
+from klalign.ops.preference_losses import (
+    PREFERENCE_LOSSES,
+    bradley_terry_probability,
+    expected_label_loss,
+    get_preference_loss,
+)
 from klalign.oracles.base import PreferenceOracle, RewardOracle
 from klalign.trainers.enhancers import ENHANCERS, PairProposal
 from klalign.trainers.online import OnlineTrainer
@@ -57,12 +67,19 @@ class IterativeDPOConfig(OnlineConfig):
         default="initial", metadata={"help": "'initial': pi_0 (the paper); 'previous': the policy at the round's start."}
     )
     train_on: str = field(default="all", metadata={"help": "'all' rounds so far, or the 'latest' round only."})
+    pair_labels: str = field(
+        default="expected",
+        metadata={"help": "'expected': the loss averaged over each pair's Bradley-Terry label (P from the preference "
+                          "oracle, or sigmoid(r_a - r_b) from a reward oracle): DPO's optimum is then the tilt "
+                          "pi_ref exp(r / beta). 'drawn': one label per pair (a draw, or the higher reward)."},
+    )
     epochs_per_round: int = field(default=2, metadata={"help": "Passes over the training pairs each round."})
     uncertainty_ridge: float = field(default=1.0, metadata={"help": "lam of Sigma = lam I + sum dphi dphi^T."})
 
     def __post_init__(self):
         get_preference_loss(self.loss_type)
-        choices = {"enhancer": sorted(ENHANCERS), "reference": ["initial", "previous"], "train_on": ["all", "latest"]}
+        choices = {"enhancer": sorted(ENHANCERS), "reference": ["initial", "previous"], "train_on": ["all", "latest"],
+                   "pair_labels": ["expected", "drawn"]}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -173,7 +190,8 @@ class IterativeDPOTrainer(OnlineTrainer):
         same global batch.
         """
         train_rows = rows if self.args.train_on == "latest" else self._all_rows(round_index, rows)
-        train_rows = [r for r in train_rows if not r["tie"]]
+        if self.args.pair_labels == "drawn":  # a tie says nothing about which is better; under 'expected' it says P = 1/2
+            train_rows = [r for r in train_rows if not r["tie"]]
         ref_logps = self._pair_reference(train_rows)  # (N, 2), fixed for the round
         rank, world = self.args.process_index, self.args.world_size
         global_batch = self.args.per_device_train_batch_size * world
@@ -228,8 +246,27 @@ class IterativeDPOTrainer(OnlineTrainer):
         chosen, rejected = self.policy_logprobs(batch).chunk(2)  # (B,) each
         chosen_ratio, rejected_ratio = chosen - ref_logps[:, 0], rejected - ref_logps[:, 1]
         lengths = batch["completion_mask"].sum(dim=1).to(chosen.dtype)
-        per_pair = self.preference_loss(chosen_ratio, rejected_ratio, *lengths.chunk(2), self.args.beta)  # (B,)
+        if self.args.pair_labels == "expected":
+            per_pair = expected_label_loss(self.preference_loss, chosen_ratio, rejected_ratio, *lengths.chunk(2),
+                                           self.args.beta, self._label_probabilities(rows).to(chosen))  # (B,)
+        else:
+            per_pair = self.preference_loss(chosen_ratio, rejected_ratio, *lengths.chunk(2), self.args.beta)  # (B,)
         return per_pair, (self.args.beta * (chosen_ratio - rejected_ratio)).detach()
+
+    @staticmethod
+    def _label_probabilities(rows: list[dict]) -> torch.Tensor:
+        """P(chosen > rejected) per pair: the preference oracle's, else Bradley-Terry over the two rewards. (B,)"""
+        probs = []
+        for r in rows:
+            if r.get("preference_prob") is not None:
+                probs.append(r["preference_prob"])
+            elif r.get("chosen_reward") is not None and r.get("rejected_reward") is not None:
+                probs.append(bradley_terry_probability(torch.tensor(r["chosen_reward"]),
+                                                       torch.tensor(r["rejected_reward"])).item())
+            else:
+                raise ValueError("pair_labels 'expected' needs each pair's preference probability or both rewards; "
+                                 f"a pair of round {r.get('round', '?')} has neither: set pair_labels: drawn")
+        return torch.tensor(probs)
 
     def _round_metrics(self, rows, train_rows, losses, margins) -> dict[str, float]:
         metrics = {
