@@ -44,3 +44,21 @@ def test_loss_decreases_when_chosen_gains(name):
 def test_unknown_loss_is_named():
     with pytest.raises(ValueError, match="'kto'.*choose one of"):
         get_preference_loss("kto")
+
+
+def test_expected_label_loss_hand_worked():
+    """p = 0.7: 0.7 * -log sigmoid(1) + 0.3 * -log sigmoid(-1) (beta 0.5, delta 2); its minimiser in delta is the
+    BT margin: sigmoid(beta * delta) = p, i.e. delta = logit(0.7) / 0.5; p = 1 is DPO itself."""
+    from klalign.ops.preference_losses import bradley_terry_probability, expected_label_loss
+
+    sigmoid = get_preference_loss("sigmoid")
+    p = torch.tensor([0.7])
+    loss = expected_label_loss(sigmoid, CHOSEN, REJECTED, LEN_C, LEN_R, 0.5, p)
+    assert loss.item() == pytest.approx(0.7 * math.log1p(math.exp(-1.0)) + 0.3 * math.log1p(math.exp(1.0)), abs=1e-6)
+    assert expected_label_loss(sigmoid, CHOSEN, REJECTED, LEN_C, LEN_R, 0.5, torch.tensor([1.0])).item() == \
+        pytest.approx(sigmoid(CHOSEN, REJECTED, LEN_C, LEN_R, 0.5).item(), abs=1e-7)
+    delta = torch.tensor([math.log(0.7 / 0.3) / 0.5], requires_grad=True)
+    expected_label_loss(sigmoid, delta, torch.zeros(1), LEN_C, LEN_R, 0.5, p).sum().backward()
+    assert delta.grad.item() == pytest.approx(0.0, abs=1e-6)
+    assert bradley_terry_probability(torch.tensor([0.9]), torch.tensor([0.2])).item() == \
+        pytest.approx(1 / (1 + math.exp(-0.7)), abs=1e-7)
