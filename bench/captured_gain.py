@@ -78,7 +78,7 @@ def slug_of(name: str, seed: int, tag: str) -> str:
 def queries_by_checkpoint(out: Path) -> dict[str, int]:
     """checkpoint folder name -> oracle queries spent up to it (offline: all candidates, scored before training)."""
     summary = json.loads((out / "summary.json").read_text())["metrics"]
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))  # -15, -round-00001
     if "candidates" in summary:
         return {c.name: int(summary["candidates"]) for c in checkpoints}
     spent = {}
@@ -95,16 +95,17 @@ def run(name: str, seed: int, spec: tuple, tag: str, overrides: dict, out: Path,
     work = out / "runs" / slug
     if (work / "run.json").exists():
         return json.loads((work / "run.json").read_text())
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    config = write_config(base, {**settings, **overrides, "output_dir": str(work / "out"), "seed": seed,
-                                 **({"sampling_seed": seed} if "rso" in recipe else {})}, work / "config.yaml")
     start = time.time()
-    proc = subprocess.run([sys.executable, recipe, "--config", str(config)], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    (work / "log.txt").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{slug} failed (log: {work / 'log.txt'}): {proc.stderr.strip().splitlines()[-1:]}")
+    if not (work / "out" / "summary.json").exists():  # a finished training whose record was not written is kept
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        config = write_config(base, {**settings, **overrides, "output_dir": str(work / "out"), "seed": seed,
+                                     **({"sampling_seed": seed} if "rso" in recipe else {})}, work / "config.yaml")
+        proc = subprocess.run([sys.executable, recipe, "--config", str(config)], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+        (work / "log.txt").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{slug} failed (log: {work / 'log.txt'}): {proc.stderr.strip().splitlines()[-1:]}")
     record = {"method": name, "seed": seed, "tag": tag, "slug": slug, "train_s": round(time.time() - start),
               "checkpoints": {str(work / "out" / c): q for c, q in queries_by_checkpoint(work / "out").items()}}
     (work / "run.json").write_text(json.dumps(record, indent=1))
