@@ -44,12 +44,21 @@ def offline_kl(bandit, folder, budget, beta, seed, sampler=None) -> float:
     return exact_metrics(read_policy(policy, bandit).numpy(), bandit, beta)["testbed/kl_to_optimum"]
 
 
+# Iterative DPO's settings. lr 1e-3 was chosen over 3e-3 on bed seeds 3 and 4, which the table does not report
+# (queries to KL 0.02: 512 and 704 against 1600 and 1856); at 3e-3 the trainer sits at the DPO fit of its own
+# pairs (a tabular fit of the stored pairs gives the same KL) but collects worse pairs (docs/bench/iterative_vs_offline.md).
+ITERATIVE_SETTINGS = dict(
+    prompts_per_round=64, prompts_per_chunk=64, max_new_tokens=1, enhancer="temperature", enhancer_temperature=1.5,
+    learning_rate=1e-3, per_device_train_batch_size=64, epochs_per_round=3, lr_scheduler_type="constant",
+    pair_labels="drawn",  # one label drawn per pair, as offline DPO's pairs carry (IterativeDPOConfig's default
+    # 'expected' trains on the oracle's P itself: on this bed GSHF is then under KL 0.02 after 128-192 queries)
+)
+
+
 def iterative_curve(bandit, folder, rounds, beta, seed) -> list[tuple[int, float]]:
     metrics = TestbedMetricsCallback(bandit, beta)
     args = IterativeDPOConfig(
-        output_dir=tempfile.mkdtemp(), beta=beta, num_rounds=rounds, prompts_per_round=64, prompts_per_chunk=64,
-        max_new_tokens=1, enhancer="temperature", enhancer_temperature=1.5, learning_rate=3e-3,
-        per_device_train_batch_size=64, epochs_per_round=3, lr_scheduler_type="constant", use_cpu=True,
+        output_dir=tempfile.mkdtemp(), beta=beta, num_rounds=rounds, **ITERATIVE_SETTINGS, use_cpu=True,
         report_to=[], seed=seed, save_total_limit=1,
     )
     IterativeDPOTrainer(

@@ -1,5 +1,6 @@
 """GSHF iterative DPO on the online loop: optimum reached, kill-and-resume exact, enhancers, config errors."""
 
+import importlib.util
 import json
 import textwrap
 
@@ -84,6 +85,22 @@ def test_ranked_pairs_reach_the_tilt_only_with_expected_labels(pair_labels, bed,
         assert last["testbed/kl_to_ref"] < 2 * optimum_kl_to_ref  # no overshoot
     else:
         assert last["testbed/kl_to_optimum"] > 0.5 and last["testbed/kl_to_ref"] > 2 * optimum_kl_to_ref
+
+
+def test_bench_settings_reach_the_target_within_2048_queries(tmp_path):
+    """Issue 19, item 5: bench/iterative_vs_offline.py's own iterative DPO settings, on its bed (8 actions,
+    ref_scale 2.0, seed 0), reach KL(pi || pi*) < 0.02 within 2048 queries (0.5x offline DPO's 4096 from pi_ref).
+
+    Measured at 2048 queries, lr 1e-3: 0.0064 (seed 0), 0.0158 and 0.0060 (seeds 3, 4); the old lr 3e-3: 0.038
+    on seed 0 (under 0.02 on none of its 64 rounds), 0.020 and 0.021 on seeds 3, 4."""
+    spec = importlib.util.spec_from_file_location("iterative_vs_offline", ROOT / "bench" / "iterative_vs_offline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # defines main() without running it
+    bandit = SingleTokenBandit.random(num_prompts=4, num_actions=8, seed=0, ref_scale=2.0)
+    bandit.save(tmp_path)
+    curve = bench.iterative_curve(bandit, tmp_path, rounds=32, beta=1.0, seed=0)
+    assert curve[-1][0] == 2048
+    assert bench.first_reaching(curve, 0.02) is not None, curve[-8:]
 
 
 def off_action_mass_per_step(folder, out, bandit, seed, rounds):
