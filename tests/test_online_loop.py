@@ -64,7 +64,9 @@ def test_log_probs_that_must_be_exact_see_no_dropout(bed, tmp_path, disable):
     """LoRA with lora_dropout 0.1 on a model with attention dropout 0.1, the reference its disabled adapter.
     In every round (not only round 0, before the first update puts the model in train mode): k3 of the
     policy against itself and of the reference against itself is exactly 0 (no-grad log-probs in eval
-    mode), and, with dropout off (the default, as TRL), the first PPO ratio of each round is exactly 1."""
+    mode), and, with dropout off (the default, as TRL), the first PPO ratio of each round is 1 (to the float
+    rounding of the sampler's computation order: at temperature 1 pi_old is the sampler's own log-prob, issue 22,
+    item 2; exactly 1 when it was a frozen pass of the same batch)."""
     bandit, folder = bed
     spy = SelfKL()
     args = OptimisticKLConfig(
@@ -97,10 +99,11 @@ def test_log_probs_that_must_be_exact_see_no_dropout(bed, tmp_path, disable):
     assert len(spy.history) == 3 and all(training for *_, training in spy.history[1:])  # train mode after round 0
     assert all(policy == 0.0 and reference == 0.0 for policy, reference, _ in spy.history), spy.history
     assert len(first_ratios) == 3
-    if disable:
-        assert all(torch.equal(r, torch.ones_like(r)) for r in first_ratios), first_ratios
-    else:  # dropout kept: the update's forward pass is a random subnetwork, pi_old is not
-        assert any(not torch.equal(r, torch.ones_like(r)) for r in first_ratios[1:])
+    deviations = [(r - 1).abs().max().item() for r in first_ratios]
+    if disable:  # 1 to float rounding: pi_old is the sampler's log-prob (another computation order; 4e-6 here)
+        assert all(d < 1e-4 for d in deviations), deviations
+    else:  # dropout kept: the update's forward pass is a random subnetwork, pi_old is not (9e-3 and 0.11 here)
+        assert any(d > 1e-3 for d in deviations[1:]), deviations
 
 
 # ----------------------------------------------------------------------------- the learning-rate schedule
