@@ -196,6 +196,7 @@ def hf_sample(model, tokenizer, prompts: list, num_samples: int, args: Generatio
                     completion_ids = strip_after_stop(generated, stop_ids)
                     text = tokenizer.decode(completion_ids, skip_special_tokens=True)
                     logps = None if step_logps is None else step_logps[j][: len(completion_ids)]
-                    done.append(Completion(prompt, prompt_ids, completion_ids, text, logps, own_law and logps is not None))
+                    done.append(Completion(prompt, prompt_ids, completion_ids, text, logps,
+                                           sampler_is_model=own_law and logps is not None))
         unwrapped.train(was_training)
     return done
