@@ -5,7 +5,8 @@ klalign's recorder against the old `output_scores` path, at a Qwen-size vocabula
     ... python bench/sampler_logprob_memory.py --sizes 16x256 32x256 64x128 --repeats 1
 
 `sampler_logprobs` is on whenever HF samples at a temperature or top_p other than 1, or with importance
-correction. The old path asked `generate` for `output_scores`, which keeps every step's processed scores
+correction, and in the online trainers at temperature 1 on an fp32 policy (the kept log-probs replace the frozen
+policy pass, issue 22, item 2: `OnlineTrainer.policy_token_logprobs`). The old path asked `generate` for `output_scores`, which keeps every step's processed scores
 to the end: B x T x V fp32 (~20 GB at 64 x 512 x 152k); the new one (`SampledTokenLogprobs`) keeps one
 step's (B x V) and turns it into the sampled token's log-prob at the next step. The old path is kept
 here only (`old_hf_sample`, a copy of the code it replaced), so both run side by side in one run.

@@ -13,7 +13,9 @@ Only the checkpoint's stop tokens are kept (many instruct models have two).
 
 With `sampler_logprobs`, each sampled token's log-prob under the processed (tempered, top-p) law it was
 drawn from is recorded during generation (`SampledTokenLogprobs`), one step's scores (B, V) at a time,
-never `output_scores`' (B, T, V).
+never `output_scores`' (B, T, V). At temperature 1 and top_p 1 no warper runs and the recorder sees the
+model's raw logits (in float32, as `generate` casts them): the log-probs are the model's own
+(`Completion.sampler_is_model`), and a caller that needs them need not recompute them (issue 22, item 2).
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ def hf_sample(model, tokenizer, prompts: list, num_samples: int, args: Generatio
     flat = [(p, i) for p, i in zip(prompts, ids) for _ in range(num_samples)]
     pad_id = tokenizer.pad_token_id
     done: list[Completion] = []
+    own_law = args.temperature == 1.0 and args.top_p == 1.0  # the recorder sees the raw logits (Completion)
     with gathered_for_generation(model, accelerator) as unwrapped:
         stop_ids = stop_token_ids(unwrapped, tokenizer)
         config = sampling_config(args, stop_ids, pad_id)
@@ -193,6 +196,7 @@ def hf_sample(model, tokenizer, prompts: list, num_samples: int, args: Generatio
                     completion_ids = strip_after_stop(generated, stop_ids)
                     text = tokenizer.decode(completion_ids, skip_special_tokens=True)
                     logps = None if step_logps is None else step_logps[j][: len(completion_ids)]
-                    done.append(Completion(prompt, prompt_ids, completion_ids, text, logps))
+                    done.append(Completion(prompt, prompt_ids, completion_ids, text, logps,
+                                           sampler_is_model=own_law and logps is not None))
         unwrapped.train(was_training)
     return done

@@ -32,6 +32,8 @@ def sample_completions(
     `engine`: a `klalign.generation.vllm_engine.VLLMEngine` to sample with instead of HF `generate`; `model`'s
     weights are pushed into it first unless the ones under `weights_key` are there already. vLLM always
     reports the sampled tokens' log-probs; HF does with `sampler_logprobs` (from the processed scores).
+    Every completion carries `weights_key` (`Completion.weights_key`): a caller can tell later whether the
+    weights that drew it are the ones it scores with.
     """
     args = args or GenerationArguments()
     if seed is not None:
@@ -39,9 +41,14 @@ def sample_completions(
     if engine is not None:
         from klalign.generation.vllm_engine import sample_with_engine
 
-        return sample_with_engine(engine, model, tokenizer, prompts, num_samples, args, weights_key)
-    done = hf_sample(model, tokenizer, prompts, num_samples, args, accelerator, progress, sampler_logprobs)
-    return [done[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+        samples = sample_with_engine(engine, model, tokenizer, prompts, num_samples, args, weights_key)
+    else:
+        done = hf_sample(model, tokenizer, prompts, num_samples, args, accelerator, progress, sampler_logprobs)
+        samples = [done[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+    for per_prompt in samples:
+        for completion in per_prompt:
+            completion.weights_key = weights_key
+    return samples
 
 
 def generate_responses(

@@ -65,11 +65,26 @@ class GenerationArguments:
 
 @dataclass
 class Completion:
-    """One sampled response: the prompt as given, its token ids, the response's ids and text, and the
-    sampler's log-probs of the sampled tokens under the sampling settings (when it reported them)."""
+    """One sampled response: the prompt as given, its token ids, the response's ids and text, the
+    sampler's log-probs of the sampled tokens under the sampling settings (when it reported them), whether
+    the sampler's law is the sampling model's own, and the name of the weights it sampled with.
+
+    `sampler_is_model`: HF `generate` at temperature 1 and top_p 1, in eval mode, with every other logits
+    processor neutral (`klalign.generation.hf.sampling_config`) samples from the log-softmax of the model's
+    raw logits: its log-probs are the model's own, equal to a recompute on the same weights to float
+    rounding. Not so for vLLM (other kernels and dtypes) or another temperature or top_p (another law)."""
 
     prompt: object  # str or list of messages
     prompt_ids: list[int]
     completion_ids: list[int]  # the sampled tokens, EOS included when generated, no padding
     text: str  # decoded without special tokens
     sampler_logprobs: list[float] | None = None  # (len(completion_ids),): log q(y_t | x, y_<t) of the sampler
+    sampler_is_model: bool = False  # q is the sampling model's own law (see above)
+    weights_key: object = None  # the name `sample_completions` was given for the sampler's weights (None: unnamed)
+
+    @property
+    def importance_logprobs(self) -> list[float] | None:
+        """The sampler's log-probs where its law is not the model's own: what the importance correction and the
+        mismatch statistics compare the training model with (`klalign.ops.importance`). None where the sampler
+        is the model itself (weights 1 and mismatch 0 by construction, as when it reported none)."""
+        return None if self.sampler_is_model else self.sampler_logprobs

@@ -3,7 +3,9 @@
 vLLM's kernels and dtype (bf16 on most hardware) do not give exactly the training model's
 probabilities, and a sampler at another temperature gives other ones by design. Every sample keeps
 the sampler's log-probs of its tokens (`Completion.sampler_logprobs`); the trainers score the same
-token ids with the training model anyway, and compare:
+token ids with the training model anyway, and compare (HF at temperature 1 and top_p 1 samples from the
+training model itself: its log-probs are kept in place of that pass, and nothing is compared or weighted,
+`Completion.importance_logprobs`):
 
 - the mismatch, logged every round: mean and max over the sampled tokens of
   |log p_sampler(y_t | .) - log p_train(y_t | .)|, the fraction of tokens and of sequences whose
@@ -67,22 +69,23 @@ def weighted_kl(logratio: torch.Tensor, mask: torch.Tensor, weights: torch.Tenso
     return (weights * logratio).sum(1), (weights * kl_k3(logratio) * mask).sum(1)
 
 
-def sample_statistics(train_token_logps: torch.Tensor, completion_mask: torch.Tensor, completions: list,
-                      cap: float | None = None) -> list[dict]:
+def sample_statistics(train_token_logps: torch.Tensor, completion_mask: torch.Tensor,
+                      sampler_logprobs: list[list[float] | None], cap: float | None = None) -> list[dict]:
     """Per sample: the sampler's sequence log-prob, the token-level mismatch and, with `cap`, how many of its
     tokens' ratios exceed the cap (None without sampler log-probs).
 
     `train_token_logps` (B, T-1) are the training model's log-probs of the batch's tokens (position t scores
-    token t+1, as `klalign.ops.logprobs.token_logprobs` returns them); `completion_mask` (B, T) marks completions."""
+    token t+1, as `klalign.ops.logprobs.token_logprobs` returns them); `completion_mask` (B, T) marks completions;
+    `sampler_logprobs` the sampler's per-token log-probs of each sample's completion (None: none reported)."""
     mask = completion_mask[:, 1:].bool()  # (B, T-1): the scored positions
     out = []
-    for row, completion in enumerate(completions):
-        if completion.sampler_logprobs is None:
+    for row, logps in enumerate(sampler_logprobs):
+        if logps is None:
             out.append({"sampler_logprob": None, "mismatch_sum": None, "mismatch_max": None, "mismatch_tokens": 0,
                         "train_logprob": None, "clipped_tokens": None})
             continue
         train = train_token_logps[row][mask[row]].double().cpu()  # (n,) in completion order
-        sampler = torch.tensor(completion.sampler_logprobs, dtype=torch.float64)  # (n,)
+        sampler = torch.tensor(logps, dtype=torch.float64)  # (n,)
         diff = (sampler - train).abs()
         clipped = None if cap is None else int((train - sampler > torch.log(torch.tensor(cap))).sum())
         out.append({"sampler_logprob": sampler.sum().item(), "mismatch_sum": diff.sum().item(),

@@ -148,13 +148,14 @@ class IterativeDPOTrainer(OnlineTrainer):
         mains = [p.main for p in proposals]
         batch = self.batch([c.prompt_ids for c in mains], [c.completion_ids for c in mains])
         mask = batch["completion_mask"][:, 1:]  # (B, T-1): the scored positions
-        token_logps = self.frozen_policy_token_logprobs(batch)  # (B, T-1)
+        token_logps = self.policy_token_logprobs(batch, mains)  # (B, T-1): the sampler's, where it is pi_t
         token_logratio = token_logps - self.reference.token_logprobs(self.model_wrapped, batch)  # (B, T-1)
-        sampler = at_scored_positions([c.sampler_logprobs for c in mains], batch["completion_mask"])
+        other = [c.importance_logprobs for c in mains]  # None where pi_t itself drew them
+        sampler = at_scored_positions(other, batch["completion_mask"])
         weights = importance_weights(token_logps, sampler, mask, self.args.importance_correction,
                                      self.args.importance_cap)
         k1, k3 = weighted_kl(token_logratio, mask, weights)  # (B,) each
-        sampled = sample_statistics(token_logps, batch["completion_mask"], mains, self.args.importance_cap)
+        sampled = sample_statistics(token_logps, batch["completion_mask"], other, self.args.importance_cap)
         return [{"main_logratio": l, "main_kl_k1": a, "main_kl_k3": b, **{f"main_{k}": v for k, v in stats.items()}}
                 for l, a, b, stats in zip((token_logratio * mask).sum(1).tolist(), k1.tolist(), k3.tolist(), sampled)]
 

@@ -53,7 +53,6 @@ from transformers.utils import logging
 from klalign.data.prompts import stored_prompt
 from klalign.generation.geometric_mixture import sample_geometric_mixture
 from klalign.generation.hf import stop_token_ids
-from klalign.generation.types import Completion
 from klalign.models.placement import gathered_for_generation
 from klalign.models.snapshots import (
     clear_optimizer_state,
@@ -165,7 +164,7 @@ class NLHFTrainer(OnlineTrainer):
             {"prompt": stored_prompt(y.prompt), "prompt_ids": y.prompt_ids, "completion_ids": y.completion_ids,
              "completion": y.text, "opponent_ids": o.completion_ids, "opponent": o.text, "preference_prob": p,
              "label": label, "prox_step": name, "inner_step": inner, "opponent_policy": self._opponent_name(name),
-             "oracle_queries": 1, "sampler_logprobs": y.sampler_logprobs}
+             "oracle_queries": 1, "sampler_logprobs": y.importance_logprobs}
             for y, o, p, label in zip(ours, theirs, probs.tolist(), labels.tolist())
         ]
 
@@ -207,8 +206,9 @@ class NLHFTrainer(OnlineTrainer):
         for p, (i, j) in enumerate(pairs):
             wins[:, i, j], wins[:, j, i] = labels[:, p], 1 - labels[:, p]
         win_rates = wins.sum(-1) / (K - 1)  # (G, K): leave-one-out estimate of P(y_i > pi_k), unbiased
-        batch = self.batch([c.prompt_ids for g in groups for c in g], [c.completion_ids for g in groups for c in g])
-        anchor_logps = self.frozen_policy_logprobs(batch).double().cpu().view(len(groups), K)  # s_k(y), (G, K)
+        samples = [c for g in groups for c in g]
+        batch = self.batch([c.prompt_ids for c in samples], [c.completion_ids for c in samples])
+        anchor_logps = self.policy_token_logprobs(batch, samples).sum(1).double().cpu().view(len(groups), K)  # s_k(y)
         return [
             {"prompt": stored_prompt(g[0].prompt), "prompt_ids": g[0].prompt_ids,
              "completion_ids": [c.completion_ids for c in g], "completions": [c.text for c in g],
@@ -366,8 +366,7 @@ class NLHFTrainer(OnlineTrainer):
         per token, (B,) per sequence, None without a correction; and the sampler/learner mismatch of the step,
         recorded for the round's metrics."""
         sampler = [r.get("sampler_logprobs") for r in rows]
-        sampled = sample_statistics(logps, batch["completion_mask"], [Completion(None, [], [], "", s) for s in sampler],
-                                    self.args.importance_cap)
+        sampled = sample_statistics(logps, batch["completion_mask"], sampler, self.args.importance_cap)
         self._mismatch += [x for x in sampled if x["mismatch_sum"] is not None]
         return importance_weights(logps, at_scored_positions(sampler, batch["completion_mask"]),
                                   batch["completion_mask"][:, 1:], self.args.importance_correction,

@@ -53,7 +53,7 @@ def win_rate_rows(trainer, prompts: list, anchor: dict) -> list[dict]:
     vs_ref = trainer.oracle.preference(texts, [c.text for c in ours], [c.text for c in refs])  # (N,)
     vs_prev = trainer.oracle.preference(texts, [c.text for c in ours], [c.text for c in previous])  # (N,)
     batch = trainer.batch([c.prompt_ids for c in ours], [c.completion_ids for c in ours])
-    logratio = trainer.frozen_policy_logprobs(batch) - trainer.reference_logprobs(batch)  # (N,)
+    logratio = trainer.policy_token_logprobs(batch, ours).sum(1) - trainer.reference_logprobs(batch)  # (N,)
     return [
         {"prompt": stored_prompt(y.prompt), "completion": y.text, "reference_completion": r.text,
          "previous_completion": q.text, "win_vs_reference": a, "win_vs_previous": b, "logratio": lr,

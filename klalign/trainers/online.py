@@ -43,6 +43,7 @@ from klalign.generation.types import GenerationArguments
 from klalign.models.placement import decided_on_main, prepare_frozen
 from klalign.models.reference import Reference
 from klalign.ops.batching import completion_batch
+from klalign.ops.importance import at_scored_positions
 from klalign.ops.logprobs import sequence_logprobs, token_logprobs
 from klalign.ops.modules import disable_dropout, evaluation_mode
 from klalign.runs.feedback import FeedbackStore
@@ -105,6 +106,9 @@ class OnlineTrainer(Trainer):
         self.oracle = oracle.prepare(self.accelerator) if oracle is not None else None
         self.store = FeedbackStore(args.feedback_dir or Path(args.output_dir) / "feedback")
         self._engine, self._weights_version = None, 0  # the vLLM engine (generation_backend: vllm)
+        # fp32 end to end: HF's sampler log-probs equal a frozen pass to float rounding (`policy_token_logprobs`)
+        self._fp32 = self.accelerator.mixed_precision == "no" and all(
+            p.dtype == torch.float32 for p in self.model.parameters())
         self.clock = RoundClock()  # where the learning-rate schedule is within the run
         self.round_schedule = True  # False: a subclass's scheduler steps once per optimizer step
 
@@ -275,12 +279,18 @@ class OnlineTrainer(Trainer):
         engine = self.vllm_engine() if args.generation_backend == "vllm" else None
         return sample_completions(self.model_wrapped, self.processing_class, prompts, num_samples, args,
                                   accelerator=self.accelerator, progress=False, engine=engine,
-                                  weights_key=("current", self._weights_version) if weights is None else weights,
-                                  sampler_logprobs=self._sampler_differs(args))
+                                  weights_key=self._weights_key(weights),
+                                  sampler_logprobs=self._sampler_differs(args) or self._fp32)
+
+    def _weights_key(self, weights=None):
+        """The name of weights, as `generate` and `policy_token_logprobs` take it: `weights`, or by default the
+        trainer's current ones (a new name after every optimizer step and `weights_changed`)."""
+        return ("current", self._weights_version) if weights is None else weights
 
     def _sampler_differs(self, args: GenerationArguments) -> bool:
-        """Whether HF sampling should report its log-probs: when its law is not the training policy's (HF at
-        temperature 1 and top_p 1 samples from the policy itself; vLLM always reports them)."""
+        """Whether HF sampling should report its log-probs for the importance correction: when its law is not
+        the training policy's (vLLM always reports them). At temperature 1 and top_p 1 HF samples from the
+        policy itself, and reports them in fp32 so that they replace a frozen pass (`policy_token_logprobs`)."""
         return args.temperature != 1.0 or args.top_p != 1.0
 
     def weights_changed(self) -> None:
@@ -312,6 +322,29 @@ class OnlineTrainer(Trainer):
     def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """`s_ref(y)` (`klalign.models.reference.Reference`). (B,)"""
         return self.reference.sequence_logprobs(self.model_wrapped, batch)
+
+    def policy_token_logprobs(self, batch: dict[str, torch.Tensor], completions: list, weights=None) -> torch.Tensor:
+        """Per-token log-probs of `completions` (the rows of `batch`, in order) under the policy weights named
+        `weights` (as `generate` names them; None: the current ones), without gradients, in eval mode. (B, T-1)
+
+        The one place that decides whether the frozen pass runs (issue 22, item 2). It is skipped when every
+        completion was drawn by HF from the policy's own law (`Completion.sampler_is_model`: temperature 1,
+        top_p 1, eval mode) with exactly these weights (`Completion.weights_key`: a round samples, then its
+        update changes them; Nash iterates sample with swapped-in weights under other names), computing in
+        fp32 (no mixed precision): the sampler's log-probs are then the policy's own, equal to a recompute to
+        float rounding (1e-6 a token on the tiny model: tests/test_online_loop.py). Otherwise (another
+        temperature or top_p, vLLM's kernels and dtypes, other weights, bf16) `frozen_policy_token_logprobs`."""
+        if self.sampler_scored(completions, weights):
+            kept = at_scored_positions([c.sampler_logprobs for c in completions], batch["completion_mask"])
+            return kept.to(torch.float32)
+        return self.frozen_policy_token_logprobs(batch)
+
+    def sampler_scored(self, completions: list, weights=None) -> bool:
+        """Whether the completions' sampler log-probs are the policy's under the weights named `weights`
+        (`policy_token_logprobs`)."""
+        key = self._weights_key(weights)
+        return self._fp32 and bool(completions) and all(
+            c.sampler_is_model and c.sampler_logprobs is not None and c.weights_key == key for c in completions)
 
     def frozen_policy_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """`s(y)` under the current policy without gradients, in eval mode (no dropout). (B,)"""

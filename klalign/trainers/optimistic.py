@@ -234,15 +234,16 @@ class OptimisticKLTrainer(OnlineTrainer):
             group = completions[start * k : (start + size) * k]
             batch = self._sample_batch(rows[start : start + size])
             mask = batch["completion_mask"][:, 1:]  # (B * k, T-1)
-            token_logps = self.frozen_policy_token_logprobs(batch)  # (B * k, T-1)
+            token_logps = self.policy_token_logprobs(batch, group)  # (B * k, T-1): the sampler's, where it is pi_old
             token_ref = self.reference.token_logprobs(self.model_wrapped, batch)  # (B * k, T-1)
-            sampler = at_scored_positions([c.sampler_logprobs for c in group], batch["completion_mask"])
+            other = [c.importance_logprobs for c in group]  # None where pi_old itself drew them
+            sampler = at_scored_positions(other, batch["completion_mask"])
             weights = importance_weights(token_logps, sampler, mask, args.importance_correction, args.importance_cap)
             k1, k3 = weighted_kl(token_logps - token_ref, mask, weights)  # (B * k,) each
-            sampled = sample_statistics(token_logps, batch["completion_mask"], group, args.importance_cap)
+            sampled = sample_statistics(token_logps, batch["completion_mask"], other, args.importance_cap)
             scored = [row[m.bool()].tolist() for row, m in zip(token_logps.double().cpu(), mask.cpu())]
             per_sample = list(zip(token_logps.sum(1).tolist(), token_ref.sum(1).tolist(), scored, k1.tolist(),
-                                  k3.tolist(), sampled, [c.sampler_logprobs for c in group]))
+                                  k3.tolist(), sampled, other))
             for g in range(len(per_sample) // k):
                 mine = per_sample[g * k : (g + 1) * k]
                 stats = [s for *_, s, _ in mine]
