@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from klalign.ops.preference_losses import PREFERENCE_LOSSES, get_preference_loss
+from klalign.ops.preference_losses import (
+    PREFERENCE_LOSSES,
+    bradley_terry_probability,
+    expected_label_loss,
+    get_preference_loss,
+)
 
 # chosen log-ratio 1.0, rejected -1.0 (delta = 2), lengths 2 and 4, beta 0.5
 CHOSEN, REJECTED = torch.tensor([1.0]), torch.tensor([-1.0])
@@ -49,8 +54,6 @@ def test_unknown_loss_is_named():
 def test_expected_label_loss_hand_worked():
     """p = 0.7: 0.7 * -log sigmoid(1) + 0.3 * -log sigmoid(-1) (beta 0.5, delta 2); its minimiser in delta is the
     BT margin: sigmoid(beta * delta) = p, i.e. delta = logit(0.7) / 0.5; p = 1 is DPO itself."""
-    from klalign.ops.preference_losses import bradley_terry_probability, expected_label_loss
-
     sigmoid = get_preference_loss("sigmoid")
     p = torch.tensor([0.7])
     loss = expected_label_loss(sigmoid, CHOSEN, REJECTED, LEN_C, LEN_R, 0.5, p)

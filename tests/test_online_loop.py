@@ -175,7 +175,12 @@ def tiny_trainer(kind: str, folder, out, dtype=torch.float32, **overrides):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from klalign import IterativeDPOConfig, IterativeDPOTrainer, NashMPConfig, NashMPTrainer
+    from klalign import (
+        IterativeDPOConfig,
+        IterativeDPOTrainer,
+        NashMPConfig,
+        NashMPTrainer,
+    )
     from klalign.oracles.base import CallableReward
     from klalign.oracles.reward_functions import response_length
 
