@@ -105,9 +105,10 @@ def test_bench_settings_reach_the_target_within_2048_queries(tmp_path):
 
 def off_action_mass_per_step(folder, out, bandit, seed, rounds):
     """The largest off-action mass of any prompt after every optimizer step of a run with this file's
-    settings (full fine-tuning, Adam, lr 3e-3, 64 prompts a round, temperature enhancer)."""
+    settings (full fine-tuning, Adam, lr 3e-3, 64 prompts a round, temperature enhancer) and one label drawn
+    per pair: the settings the plain bed's leaks were measured at (issue 15, before `pair_labels`)."""
     trainer = make_trainer(folder, out, bandit, BradleyTerryPreference(TestbedReward(bandit)), num_rounds=rounds,
-                           seed=seed)
+                           seed=seed, pair_labels="drawn")
     trainer.remove_callback(PrinterCallback)
     masses, step = [], trainer.optimizer_step
 
