@@ -120,6 +120,7 @@ def evaluate(prompts: Path, records: list[dict], out: Path, env: dict) -> dict:
         "num_samples": EVAL_SAMPLES, "best_of_n_max": 16, "output_dir": str(out / "evaluation"),
         "logprob_batch_size": 32, "seed": 0, "beta": BETA, "max_new_tokens": TOKENS, "generation_batch_size": 64,
     }
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "evaluate.yaml"
     path.write_text(yaml.safe_dump(config))
     subprocess.run([sys.executable, "-m", "klalign.cli", "evaluate", "--config", str(path)], cwd=ROOT, env=env,
