@@ -200,3 +200,13 @@ def test_expected_labels_need_probabilities_or_rewards(pairs, tiny_tokenizer, tm
     with pytest.raises(ValueError, match="preference_prob.*chosen_reward.*rejected_reward"):
         DPOTrainer(model=build_causal_lm(tiny_tokenizer), args=config(DPOConfig, tmp_path, pair_labels="expected"),
                    train_dataset=pairs, processing_class=tiny_tokenizer)
+
+
+def test_expected_labels_refuse_a_stream_without_known_columns(pairs):
+    """An IterableDataset whose columns are unknown gets the named error, not a TypeError from `None`."""
+    from klalign.trainers.dpo import with_label_probabilities
+
+    stream = pairs.to_iterable_dataset().map(lambda row: row)  # a map hides the columns: column_names is None
+    assert stream.column_names is None
+    with pytest.raises(ValueError, match="preference_prob.*chosen_reward"):
+        with_label_probabilities(stream)

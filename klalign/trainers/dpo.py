@@ -181,7 +181,7 @@ class DPOTrainer(trl.DPOTrainer):
 def with_label_probabilities(dataset, name: str = "train_dataset"):
     """The dataset with a `preference_prob` column: kept if present, else sigmoid(chosen_reward - rejected_reward).
     A dataset with neither is refused, naming the columns it has."""
-    columns = dataset.column_names
+    columns = dataset.column_names or []  # an IterableDataset may not know its columns
     if LABEL_PROB in columns:
         return dataset
     if not {"chosen_reward", "rejected_reward"} <= set(columns):
