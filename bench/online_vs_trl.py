@@ -104,21 +104,27 @@ def smollm2_trl(args, tokenizer, prompts) -> list[float]:
     return timer.rounds()
 
 
-def smollm2_klalign(args, tokenizer, prompts, samples: int, backend: str) -> list[float]:
+def smollm2_trainer(args, tokenizer, prompts, samples: int, callbacks, **extra) -> IterativeDPOTrainer:
+    """klalign's round at this benchmark's SmolLM2 settings (one DPO step on the round's pairs); `extra`: more
+    IterativeDPOConfig fields (the generation backend). bench/sampler_logprob_reuse.py builds the same trainer."""
     from klalign import load_causal_lm
 
-    timer = RoundTimer("round")
     config = IterativeDPOConfig(
         output_dir=tempfile.mkdtemp(), num_rounds=args.rounds, prompts_per_round=args.prompts,
         prompts_per_chunk=args.prompts, samples_per_prompt=samples, enhancer="best_vs_worst", train_on="latest",
         epochs_per_round=1, per_device_train_batch_size=args.prompts, max_new_tokens=args.max_new_tokens,
         temperature=1.0, generation_batch_size=samples * args.prompts, beta=0.1, save_every_rounds=args.rounds,
-        generation_backend=backend, vllm_dtype=args.vllm_dtype, vllm_kv_cache_gb=args.vllm_kv_cache_gb, **COMMON,
+        **extra, **COMMON,
     )
-    trainer = IterativeDPOTrainer(model=load_causal_lm(SMOLLM2), args=config, train_dataset=prompts,
-                                  processing_class=tokenizer, oracle=CallableReward(vader_sentiment, name="vader"),
-                                  peft_config=lora(), callbacks=[timer])
-    trainer.train()
+    return IterativeDPOTrainer(model=load_causal_lm(SMOLLM2), args=config, train_dataset=prompts,
+                               processing_class=tokenizer, oracle=CallableReward(vader_sentiment, name="vader"),
+                               peft_config=lora(), callbacks=callbacks)
+
+
+def smollm2_klalign(args, tokenizer, prompts, samples: int, backend: str) -> list[float]:
+    timer = RoundTimer("round")
+    smollm2_trainer(args, tokenizer, prompts, samples, [timer], generation_backend=backend,
+                    vllm_dtype=args.vllm_dtype, vllm_kv_cache_gb=args.vllm_kv_cache_gb).train()
     return timer.rounds()
 
 

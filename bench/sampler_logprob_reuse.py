@@ -18,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import date
 
@@ -27,27 +26,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from online_vs_trl import COMMON, SMOLLM2, RoundTimer, load_avg, lora  # noqa: E402 (the script's folder is on sys.path)
-
-from klalign import IterativeDPOConfig, IterativeDPOTrainer  # noqa: E402
-from klalign.oracles.base import CallableReward  # noqa: E402
-from klalign.oracles.reward_functions import vader_sentiment  # noqa: E402
+from online_vs_trl import SMOLLM2, RoundTimer, load_avg, smollm2_trainer  # noqa: E402 (the script's folder is on sys.path)
 
 
 def run(args, tokenizer, prompts, samples: int, kept: bool) -> dict[str, list[float]]:
-    from klalign import load_causal_lm
-
     timer = RoundTimer("round")
-    config = IterativeDPOConfig(
-        output_dir=tempfile.mkdtemp(), num_rounds=args.rounds, prompts_per_round=args.prompts,
-        prompts_per_chunk=args.prompts, samples_per_prompt=samples, enhancer="best_vs_worst", train_on="latest",
-        epochs_per_round=1, per_device_train_batch_size=args.prompts, max_new_tokens=args.max_new_tokens,
-        temperature=1.0, generation_batch_size=samples * args.prompts, beta=0.1, save_every_rounds=args.rounds,
-        **COMMON,
-    )
-    trainer = IterativeDPOTrainer(model=load_causal_lm(SMOLLM2), args=config, train_dataset=prompts,
-                                  processing_class=tokenizer, oracle=CallableReward(vader_sentiment, name="vader"),
-                                  peft_config=lora(), callbacks=[timer])
+    trainer = smollm2_trainer(args, tokenizer, prompts, samples, [timer])
     if not kept:
         trainer._fp32 = False  # the lever off: no log-probs recorded at temperature 1, the frozen pass runs
     collect, frozen, collecting = [], [], [False]
