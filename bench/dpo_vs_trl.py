@@ -71,6 +71,37 @@ def steps_per_second(trainer_cls, config_cls, args, tokenizer, data, **config) -
     return args.steps / (time.perf_counter() - start)
 
 
+def padding_table(tokenizer, data, batch_size: int) -> str:
+    """Tokens through the model per epoch: real, and padded to each batch's widest row, one row per reply (TRL's
+    layout) against one row per pair with its prompt once (share_prompt; issue 22, items 1 and 3)."""
+    from klalign.ops.batching import pack_pairs
+
+    collator = trl.trainer.dpo_trainer.DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=128)
+    if "prompt_ids" not in data.column_names:  # tokenise as the trainers do (a DPOTrainer's prepared dataset)
+        tiny = [build_causal_lm(tokenizer, 64, 1) for _ in range(2)]  # tokenisation only: any policy and reference
+        trainer = DPOTrainer(model=tiny[0], ref_model=tiny[1], train_dataset=data, processing_class=tokenizer, args=DPOConfig(
+            output_dir=tempfile.mkdtemp(), max_length=128, report_to=[], use_cpu=True, bf16=False))
+        data = trainer.train_dataset
+    rows = [data[i] for i in range(len(data))]
+    plain_real = plain_padded = packed_real = packed_padded = 0
+    for start in range(0, len(rows), batch_size):
+        batch = collator([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                          for r in rows[start : start + batch_size]])
+        plain_real += int(batch["attention_mask"].sum())
+        plain_padded += batch["input_ids"].numel()
+        packed = pack_pairs(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        n = len(packed["input_ids"])  # pairs: the chosen rows whole, the rejected rows' replies only
+        packed_real += int(batch["attention_mask"][:n].sum() + (batch["completion_mask"][n:] * batch["attention_mask"][n:]).sum())
+        packed_padded += packed["input_ids"].numel()
+    return "\n".join([
+        f"Tokens through the model per epoch ({len(rows)} pairs, batch {batch_size}):", "",
+        "| layout | real tokens | with padding | padding share |", "|---|---|---|---|",
+        f"| one row per reply (TRL) | {plain_real} | {plain_padded} | {1 - plain_real / plain_padded:.1%} |",
+        f"| one row per pair, prompt once (share_prompt) | {packed_real} | {packed_padded} | "
+        f"{1 - packed_real / packed_padded:.1%} |",
+    ])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
@@ -98,17 +129,23 @@ def main():
     else:
         tokenizer = build_tokenizer()
         data = Dataset.from_list(positivity_preferences(args.steps * args.batch_size, seed=0))
+    # name -> (trainer, config, settings, the TRL row it is compared with). TRL 1.16's own fastest CPU setting is
+    # precompute_ref_log_probs: its padding_free is disabled ("temporarily unavailable after a refactor") and
+    # use_liger_kernel needs a GPU. share_prompt off isolates klalign's prefix sharing (issue 22, item 1).
     runs = {
-        "trl.DPOTrainer": (trl.DPOTrainer, trl.DPOConfig, {}),
-        "klalign.DPOTrainer": (DPOTrainer, DPOConfig, {}),
-        "trl.DPOTrainer + precompute_ref": (trl.DPOTrainer, trl.DPOConfig, {"precompute_ref_log_probs": True}),
-        "klalign.DPOTrainer + precompute_ref": (DPOTrainer, DPOConfig, {"precompute_ref_log_probs": True}),
+        "trl.DPOTrainer": (trl.DPOTrainer, trl.DPOConfig, {}, "trl.DPOTrainer"),
+        "klalign.DPOTrainer": (DPOTrainer, DPOConfig, {}, "trl.DPOTrainer"),
+        "klalign.DPOTrainer, share_prompt off": (DPOTrainer, DPOConfig, {"share_prompt": False}, "trl.DPOTrainer"),
+        "trl.DPOTrainer + precompute_ref": (trl.DPOTrainer, trl.DPOConfig, {"precompute_ref_log_probs": True},
+                                            "trl.DPOTrainer + precompute_ref"),
+        "klalign.DPOTrainer + precompute_ref": (DPOTrainer, DPOConfig, {"precompute_ref_log_probs": True},
+                                                "trl.DPOTrainer + precompute_ref"),
     }
     results = {name: [] for name in runs}
     timed_start = time.perf_counter()
     for r in range(args.repeats):
         repeat_start = time.perf_counter()
-        for name, (trainer_cls, config_cls, config) in runs.items():
+        for name, (trainer_cls, config_cls, config, _) in runs.items():
             results[name].append(steps_per_second(trainer_cls, config_cls, args, tokenizer, data, **config))
             if smol:
                 print(f"  {name}: {results[name][-1]:.3f} steps/s (load {load_avg()})", flush=True)
@@ -127,6 +164,7 @@ def main():
         for name, values in results.items():
             med = statistics.median(values)
             print(f"| {name} | {med:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {med / base:.2f}x |")
+        print(padding_table(tokenizer, data, args.batch_size))
         return
     lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r[k], tokenize=True, return_dict=True)["input_ids"])
                for r in data for k in ("chosen", "rejected")]
@@ -144,11 +182,11 @@ def main():
     ]
     for name, values in results.items():
         med = statistics.median(values)
-        trl_name = name.replace("klalign", "trl")
+        trl_name = runs[name][3]
         ratio = med / statistics.median(results[trl_name])
         lines.append(f"| {name} | {med:.3f} | {', '.join(f'{v:.3f}' for v in values)} | {ratio:.2f}x | "
                      f"{'-' if name == trl_name else ('met' if ratio >= GOAL else 'missed')} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n" + padding_table(tokenizer, data, args.batch_size)
     print("\n" + table)
     with open("docs/bench/dpo_vs_trl_smollm2.md", "w") as f:
         f.write("# DPO steps/s at real scale, klalign vs TRL (issue 13)\n\n`KLALIGN_CACHE=/work/klalign-cache "

@@ -207,9 +207,9 @@ def counting_frozen_passes(trainer) -> list[int]:
     """The rows of every frozen policy pass the trainer takes, in order."""
     rows, frozen = [], trainer.frozen_policy_token_logprobs
 
-    def counted(batch):
+    def counted(batch, *args):
         rows.append(batch["input_ids"].size(0))
-        return frozen(batch)
+        return frozen(batch, *args)
 
     trainer.frozen_policy_token_logprobs = counted
     return rows
@@ -297,8 +297,8 @@ def test_nash_iterates_keep_their_own_samplers_log_probs_and_recompute_the_ancho
     trainer = tiny_trainer(method, tiny_policy_dir, tmp_path)
     passes, anchor_passes, anchor = counting_frozen_passes(trainer), [], trainer._anchor_logprobs
 
-    def counted_anchor(batch, snapshot):
-        out = anchor(batch, snapshot)
+    def counted_anchor(batch, snapshot, **kwargs):
+        out = anchor(batch, snapshot, **kwargs)
         anchor_passes.append(snapshot is not None)
         return out
 

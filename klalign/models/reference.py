@@ -62,15 +62,16 @@ class Reference:
                 yield policy
 
     @torch.no_grad()
-    def token_logprobs(self, policy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def token_logprobs(self, policy, batch: dict[str, torch.Tensor], pairs: bool = False) -> torch.Tensor:
         """Per-token log pi_ref of the completion tokens, zero elsewhere, in eval mode (a disabled adapter leaves
-        the base model's own dropout, which must not run here). (B, T) -> (B, T-1)"""
+        the base model's own dropout, which must not run here). `pairs`: `klalign.ops.logprobs.token_logprobs`.
+        (B, T) -> (B, T-1)"""
         with self.forward_model(policy) as model, evaluation_mode(model):
-            return token_logprobs(model, **batch)
+            return token_logprobs(model, **batch, pairs=pairs)
 
-    def sequence_logprobs(self, policy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def sequence_logprobs(self, policy, batch: dict[str, torch.Tensor], pairs: bool = False) -> torch.Tensor:
         """`s_ref(y)`, the summed log pi_ref of each completion. (B,)"""
-        return self.token_logprobs(policy, batch).sum(dim=1)
+        return self.token_logprobs(policy, batch, pairs).sum(dim=1)
 
     @contextlib.contextmanager
     def generation_model(self, policy):

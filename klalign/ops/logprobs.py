@@ -21,6 +21,7 @@ import copy
 import numpy as np
 import torch
 
+from klalign.ops.batching import completion_batch, pack_pairs
 from klalign.ops.modules import base_model, text_config, unwrap
 
 TOKEN_CHUNK = 256  # completion tokens whose logits exist at once: (256, V) floats, ~155 MB at V = 152k
@@ -50,34 +51,76 @@ def _lean_token_logprobs(model, input_ids, attention_mask, completion_mask, firs
     The head runs on chunks of completion positions under activation checkpointing: only the chunk's
     hidden states are kept, and backward recomputes its logits. The head is called as a module, so
     DeepSpeed's ZeRO-3 hooks gather its weight for each call, in forward and in the recomputation."""
-    from torch.utils.checkpoint import checkpoint
-
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
                 output_hidden_states=True)
     hidden = out.hidden_states[-1][:, first - 1 : -1]  # (B, T-first, H): the states that predict tokens first..T-1
     targets = input_ids[:, first:]  # (B, T-first)
     scored = completion_mask[:, first:].bool()  # only completion tokens are scored
     head = unwrap(model).get_output_embeddings()
-    h, y = hidden[scored], targets[scored]  # (N, H), (N,)
+    picked = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+    return picked.masked_scatter(scored, _head_logprobs(head, hidden[scored], targets[scored]))
+
+
+def _head_logprobs(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log p(y) from hidden states through the LM head, TOKEN_CHUNK positions at a time, each chunk under
+    activation checkpointing when gradients are on. (N, H), (N,) -> (N,) float32"""
+    from torch.utils.checkpoint import checkpoint
+
     grad = torch.is_grad_enabled()
     chunks = [checkpoint(_chunk_logprobs, head, h[i : i + TOKEN_CHUNK], y[i : i + TOKEN_CHUNK], use_reentrant=False)
               if grad else _chunk_logprobs(head, h[i : i + TOKEN_CHUNK], y[i : i + TOKEN_CHUNK])
               for i in range(0, len(y), TOKEN_CHUNK)]
-    picked = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
-    if chunks:
-        picked = picked.masked_scatter(scored, torch.cat(chunks))
-    return picked
+    return torch.cat(chunks) if chunks else h.new_zeros(0, dtype=torch.float32)
+
+
+def _packable(model, length: int) -> bool:
+    """A custom (B, 1, L, L) mask reaches attention as given: transformers' SDPA and eager paths take it (other
+    kernels build their own masks), and no sliding window shorter than the packed row would be dropped."""
+    config = text_config(model)
+    window = getattr(config, "sliding_window", None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and not (window and window < length)
+
+
+def _paired_token_logprobs(model, packed: dict, input_ids, completion_mask, lean: bool) -> torch.Tensor:
+    """`token_logprobs` of TRL's pair layout from `pack_pairs`' rows: each pair's prompt runs once, with
+    gradients. (2B, T) -> (2B, T-1)"""
+    n = packed["input_ids"].size(0)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    mask = torch.zeros(packed["attention_mask"].shape, dtype=dtype, device=input_ids.device)
+    mask = mask.masked_fill(~packed["attention_mask"], torch.finfo(dtype).min)[:, None]  # (B, 1, L, L) additive
+    scored = completion_mask[:, 1:].bool()  # (2B, T-1)
+    pair = torch.arange(2 * n, device=input_ids.device).remainder(n)[:, None].expand_as(scored)[scored]  # (N,)
+    source, targets = packed["source"][scored], input_ids[:, 1:][scored]  # (N,), (N,)
+    inputs = dict(input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"],
+                  use_cache=False)
+    if lean and _plain_head(model):
+        hidden = model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]  # (B, L, H)
+        picked = _head_logprobs(unwrap(model).get_output_embeddings(), hidden[pair, source], targets)  # (N,)
+    else:
+        logits = model(**inputs).logits[pair, source].float()  # (N, V)
+        picked = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    out = torch.zeros(scored.shape, dtype=torch.float32, device=input_ids.device)
+    return out.masked_scatter(scored, picked)  # (2B, T-1)
 
 
 def token_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, lean: bool = True
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, lean: bool = True,
+    pairs: bool = False,
 ) -> torch.Tensor:
     """Per-token log-probs of the completion tokens, zero elsewhere. (B, T) -> (B, T-1).
 
     Position t of the output scores token t+1 of `input_ids`, as in a shifted LM loss.
     `completion_mask` marks completion tokens with 1 (prompt and padding 0). `lean`: without the
     (B, T, V) logits (see the module docstring); equal to the plain path to float rounding.
+    `pairs`: the rows are TRL's pair layout (chosen rows, then the rejected rows of the same prompts), and each
+    pair runs as one row with its prompt once (`klalign.ops.batching.pack_pairs`), with gradients; equal to
+    the plain path to float rounding, which it falls back to where the layout or the attention kernel does not
+    allow packing.
     """
+    if pairs:
+        packed = pack_pairs(input_ids, attention_mask, completion_mask)
+        if packed is not None and _packable(model, packed["input_ids"].size(1)):
+            return _paired_token_logprobs(model, packed, input_ids, completion_mask, lean)
     seq_len = input_ids.size(1)
     first = int(completion_mask.float().argmax(dim=1).min().clamp(min=1))  # earliest completion token
     if lean and _plain_head(model):
@@ -96,10 +139,11 @@ def token_logprobs(
 
 
 def sequence_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, lean: bool = True
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, lean: bool = True,
+    pairs: bool = False,
 ) -> torch.Tensor:
-    """`s(y)`: the summed log-prob of each row's completion. (B, T) -> (B,)"""
-    return token_logprobs(model, input_ids, attention_mask, completion_mask, lean).sum(dim=1)
+    """`s(y)`: the summed log-prob of each row's completion (`pairs`: see `token_logprobs`). (B, T) -> (B,)"""
+    return token_logprobs(model, input_ids, attention_mask, completion_mask, lean, pairs).sum(dim=1)
 
 
 @torch.no_grad()
@@ -112,8 +156,6 @@ def shared_prompt_token_logprobs(model, prompt_ids: list[int], completion_ids: l
     chosen and rejected (issue 22, item 1). Equal to `token_logprobs` on the n full rows to float rounding.
     No gradients: for evaluation and other frozen scoring. W is the longest completion; a head that is not
     a plain linear map (see `_plain_head`) takes the plain path on full rows."""
-    from klalign.ops.batching import completion_batch
-
     device = next(model.parameters()).device
     n, width, p = len(completion_ids), max((len(c) for c in completion_ids), default=0), len(prompt_ids)
     if p == 0:

@@ -18,6 +18,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from klalign.config.checks import check_training_config
 from klalign.models.reference import Reference
+from klalign.ops.batching import SHARE_PROMPT_HELP
 from klalign.ops.logprobs import sequence_logprobs
 from klalign.ops.modules import disable_dropout
 from klalign.ops.preference_losses import (
@@ -49,6 +50,7 @@ class DPOConfig(trl.DPOConfig):
                           "column or sigmoid(chosen_reward - rejected_reward) from reward columns (RSO's pairs carry "
                           "them): DPO's optimum is then the tilt pi_ref exp(r / beta)."},
     )
+    share_prompt: bool = field(default=True, metadata={"help": SHARE_PROMPT_HELP})
     bf16: bool | None = field(
         default=None, metadata={"help": "Train in bfloat16 mixed precision; default: on when a bf16 GPU is present."}
     )
@@ -128,7 +130,7 @@ class DPOTrainer(trl.DPOTrainer):
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self.accelerator.autocast(),
         ):
-            ref_logps = self.reference.sequence_logprobs(self.model, batch)
+            ref_logps = self.reference.sequence_logprobs(self.model, batch, pairs=self.args.share_prompt)
         return ref_logps.chunk(2, dim=0)
 
     def _reference_logprobs(self, inputs):
@@ -138,7 +140,7 @@ class DPOTrainer(trl.DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):  # private: klalign.internals
         mode = "train" if self.model.training else "eval"
-        logps = sequence_logprobs(model, *self._split_inputs(inputs))  # (2B,)
+        logps = sequence_logprobs(model, *self._split_inputs(inputs), pairs=self.args.share_prompt)  # (2B,)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # (B,) each
         ref_chosen_logps, ref_rejected_logps = self._reference_logprobs(inputs)
         chosen_logratios = chosen_logps - ref_chosen_logps

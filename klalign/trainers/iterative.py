@@ -238,13 +238,14 @@ class IterativeDPOTrainer(OnlineTrainer):
         out = []
         for start in range(0, len(rows), self.args.per_device_train_batch_size):
             batch = self._pair_batch(rows[start : start + self.args.per_device_train_batch_size])
-            logps = self.frozen_policy_logprobs(batch) if use_previous else self.reference_logprobs(batch)
+            logps = (self.frozen_policy_logprobs(batch, pairs=True) if use_previous
+                     else self.reference_logprobs(batch, pairs=True))  # (2B,): each prompt run once
             out.append(torch.stack(logps.chunk(2), dim=1))
         return torch.cat(out) if out else torch.zeros(0, 2, device=self.args.device)
 
     def _pair_loss(self, rows: list[dict], ref_logps: torch.Tensor):
         batch = self._pair_batch(rows)
-        chosen, rejected = self.policy_logprobs(batch).chunk(2)  # (B,) each
+        chosen, rejected = self.policy_logprobs(batch, pairs=True).chunk(2)  # (B,) each: each prompt run once
         chosen_ratio, rejected_ratio = chosen - ref_logps[:, 0], rejected - ref_logps[:, 1]
         lengths = batch["completion_mask"].sum(dim=1).to(chosen.dtype)
         if self.args.pair_labels == "expected":

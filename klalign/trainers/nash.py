@@ -282,14 +282,14 @@ class NLHFTrainer(OnlineTrainer):
 
     # ---- the losses (klalign.ops.nash_losses) on a batch of rows ----
 
-    def _anchor_logprobs(self, batch: dict, anchor: dict | None) -> torch.Tensor | None:
+    def _anchor_logprobs(self, batch: dict, anchor: dict | None, pairs: bool = False) -> torch.Tensor | None:
         """Per-token log pi_k, read with theta_k swapped in (B, T-1); None when theta is theta_k (anchor None):
         the caller uses its own log-probs. Called before the forward pass with gradients, which the swap
         would invalidate."""
         if anchor is None:
             return None
         with swapped(self._policy, anchor):
-            return self.frozen_policy_token_logprobs(batch)
+            return self.frozen_policy_token_logprobs(batch, pairs)
 
     def _mean_over_processes(self, values: list[torch.Tensor]) -> list[float]:
         return self.accelerator.reduce(torch.stack(values), "mean").tolist()
@@ -315,9 +315,10 @@ class NLHFTrainer(OnlineTrainer):
         B = len(rows)
         batch = self.batch([r["prompt_ids"] for r in rows] * 2,
                            [r["completion_ids"] for r in rows] + [r["opponent_ids"] for r in rows])  # y then y'
-        pi_k = self._anchor_logprobs(batch, anchor) if self.args.method == "nash_prox" else None
-        logps = token_logprobs(self.model_wrapped, **batch).sum(1).view(2, B).T  # (B, 2), with gradients
-        ref = self.reference.token_logprobs(self.model_wrapped, batch).sum(1).view(2, B).T  # (B, 2)
+        pi_k = self._anchor_logprobs(batch, anchor, pairs=True) if self.args.method == "nash_prox" else None
+        pairs = self.args.share_prompt  # y and y' answer one prompt: run it once
+        logps = token_logprobs(self.model_wrapped, **batch, pairs=pairs).sum(1).view(2, B).T  # (B, 2), with gradients
+        ref = self.reference.token_logprobs(self.model_wrapped, batch, pairs).sum(1).view(2, B).T  # (B, 2)
         base, tau, stats = ref, self.args.beta, {}
         if self.args.method == "nash_prox":
             pi_k = logps.detach() if pi_k is None else pi_k.sum(1).view(2, B).T  # (B, 2)

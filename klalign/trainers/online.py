@@ -315,13 +315,14 @@ class OnlineTrainer(Trainer):
     def batch(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> dict[str, torch.Tensor]:
         return completion_batch(prompt_ids, completion_ids, self.processing_class.pad_token_id, self.args.device)
 
-    def policy_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`s(y)` under the policy, with gradients. (B,)"""
-        return sequence_logprobs(self.model_wrapped, **batch)
+    def policy_logprobs(self, batch: dict[str, torch.Tensor], pairs: bool = False) -> torch.Tensor:
+        """`s(y)` under the policy, with gradients. `pairs`: the batch is TRL's pair layout, each pair's prompt run
+        once where `share_prompt` is on (`klalign.ops.logprobs.token_logprobs`). (B,)"""
+        return sequence_logprobs(self.model_wrapped, **batch, pairs=pairs and self.args.share_prompt)
 
-    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`s_ref(y)` (`klalign.models.reference.Reference`). (B,)"""
-        return self.reference.sequence_logprobs(self.model_wrapped, batch)
+    def reference_logprobs(self, batch: dict[str, torch.Tensor], pairs: bool = False) -> torch.Tensor:
+        """`s_ref(y)` (`klalign.models.reference.Reference`; `pairs` as in `policy_logprobs`). (B,)"""
+        return self.reference.sequence_logprobs(self.model_wrapped, batch, pairs and self.args.share_prompt)
 
     def policy_token_logprobs(self, batch: dict[str, torch.Tensor], completions: list, weights=None) -> torch.Tensor:
         """Per-token log-probs of `completions` (the rows of `batch`, in order) under the policy weights named
@@ -346,16 +347,17 @@ class OnlineTrainer(Trainer):
         return self._fp32 and bool(completions) and all(
             c.sampler_is_model and c.sampler_logprobs is not None and c.weights_key == key for c in completions)
 
-    def frozen_policy_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`s(y)` under the current policy without gradients, in eval mode (no dropout). (B,)"""
-        return self.frozen_policy_token_logprobs(batch).sum(dim=1)
+    def frozen_policy_logprobs(self, batch: dict[str, torch.Tensor], pairs: bool = False) -> torch.Tensor:
+        """`s(y)` under the current policy without gradients, in eval mode (no dropout; `pairs` as in
+        `policy_logprobs`). (B,)"""
+        return self.frozen_policy_token_logprobs(batch, pairs).sum(dim=1)
 
     @torch.no_grad()
-    def frozen_policy_token_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def frozen_policy_token_logprobs(self, batch: dict[str, torch.Tensor], pairs: bool = False) -> torch.Tensor:
         """Per-token log-probs of the completions under the current policy, without gradients, in eval mode
         (no dropout: pi_old, anchors and KL estimates are the policy's own, not a random subnetwork's). (B, T-1)"""
         with evaluation_mode(self.model_wrapped):
-            return token_logprobs(self.model_wrapped, **batch)
+            return token_logprobs(self.model_wrapped, **batch, pairs=pairs and self.args.share_prompt)
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Backward, clip, step, schedule; one global step. A non-finite loss or gradient norm stops the run

@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 from klalign.config.checks import check_training_config
 from klalign.generation.types import GenerationArguments
 from klalign.models.placement import check_equal_work
+from klalign.ops.batching import SHARE_PROMPT_HELP
 
 IMPORTANCE_CORRECTIONS = ("token", "sequence", "none")  # klalign.ops.importance
 
@@ -60,6 +61,7 @@ class OnlineConfig(TrainingArguments, GenerationArguments):
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from checkpoint folders to run (off by default)."}
     )
+    share_prompt: bool = field(default=True, metadata={"help": SHARE_PROMPT_HELP})
     bf16: bool | None = field(
         default=None, metadata={"help": "bfloat16 mixed precision; default: on when a bf16 GPU is present."}
     )
