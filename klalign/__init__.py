@@ -82,6 +82,7 @@ _EXPORTS = {
     "token_logprobs": "klalign.ops.logprobs",
     "shared_prompt_token_logprobs": "klalign.ops.logprobs",
     "completion_logprobs": "klalign.ops.logprobs",
+    "pack_pairs": "klalign.ops.batching",
     "NASH_LOSSES": "klalign.ops.nash_losses",
     "prox_policy_gradient_loss": "klalign.ops.nash_losses",
     "self_play_ipo_loss": "klalign.ops.nash_losses",
