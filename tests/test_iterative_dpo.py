@@ -259,8 +259,8 @@ def test_reference_option_sets_the_log_ratios_of_the_loss(reference, bed, tmp_pa
                            num_rounds=3, prompts_per_round=16, reference=reference, train_on="latest")
     seen, reference_fn = [], trainer._reference_pair_logps
 
-    def spy(rows):
-        logps = reference_fn(rows)
+    def spy(rows, *args):
+        logps = reference_fn(rows, *args)
         seen.append((rows, logps.detach().double().cpu().numpy()))
         return logps
 

