@@ -16,8 +16,9 @@ reference samples per held-out prompt the weights exp(r / beta) keep an effectiv
 Each method trains through its shipped recipe (configs/smollm2/*.yaml plus the overrides below) with every
 checkpoint kept; each checkpoint is charged the oracle queries spent up to it (offline: the whole dataset,
 sampled before training; online: the rounds so far). One `klalign evaluate` samples every checkpoint
-(64 samples per prompt, SE(G) ~ 0.05-0.1) and the reference once (cached in --out, so a re-run only samples
-new checkpoints). A run whose run.json exists is not trained again: the benchmark is resumable. Writes
+(64 samples per prompt, SE(G) ~ 0.05-0.1; --eval-samples N for fewer on the grid, SE(G) growing as
+1/sqrt(N)) and the reference once (cached in --out by N, so a re-run only samples new checkpoints). A run whose
+run.json exists is not trained again: the benchmark is resumable. Writes
 docs/captured_gain.{md,png} (--docs): G and KL(pi || pi*) per checkpoint, and G against queries per method
 with the seed spread shaded; best-of-N on pi_ref is a row (its J from its reward and KL estimate).
 A benchmark, never a test.
@@ -112,12 +113,12 @@ def run(name: str, seed: int, spec: tuple, tag: str, overrides: dict, out: Path,
     return record
 
 
-def evaluate(prompts: Path, records: list[dict], out: Path, env: dict) -> dict:
+def evaluate(prompts: Path, records: list[dict], out: Path, env: dict, samples: int = EVAL_SAMPLES) -> dict:
     """One `klalign evaluate` over every checkpoint; the reference's samples are cached in out/evaluation."""
     config = {
         "checkpoints": [c for r in records for c in r["checkpoints"]], "include_final_model": False,
         "reference_model_path": SMOLLM2, "prompt_dataset_path": str(prompts), "reward_fn": "vader",
-        "num_samples": EVAL_SAMPLES, "best_of_n_max": 16, "output_dir": str(out / "evaluation"),
+        "num_samples": samples, "best_of_n_max": 16, "output_dir": str(out / "evaluation"),
         "logprob_batch_size": 32, "seed": 0, "beta": BETA, "max_new_tokens": TOKENS, "generation_batch_size": 64,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -138,11 +139,11 @@ def rows_of(report: dict, records: list[dict]) -> list[dict]:
     return rows
 
 
-def tables(report: dict, rows: list[dict], n_prompts: int) -> str:
+def tables(report: dict, rows: list[dict], n_prompts: int, samples: int = EVAL_SAMPLES) -> str:
     ref = report["reference"]
     lines = [f"Reference: J(pi_ref) = {ref['objective']:.4f} ± {ref['objective_se']:.4f}, J* = {ref['j_star']:.4f} ± "
              f"{ref['j_star_se']:.4f}, KL(pi_ref || pi*) = {ref['kl_to_optimum']:.3f} ± {ref['kl_to_optimum_se']:.3f}, "
-             f"ESS {ref['ess']:.1f} a prompt (smallest {ref['ess_min']:.1f}) of {EVAL_SAMPLES}.", "",
+             f"ESS {ref['ess']:.1f} a prompt (smallest {ref['ess_min']:.1f}) of {samples}.", "",
              "| method | seed | checkpoint | oracle queries | reward | KL k1 | J ± SE | G ± SE | KL(pi \\|\\| pi*) ± SE |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["method"], r["seed"], r["queries"], r["checkpoint"])):
@@ -207,6 +208,8 @@ def main() -> int:
     parser.add_argument("--out", default="runs/captured_gain")
     parser.add_argument("--docs", default=None, help="Where the table (.md) and plot (.png) go (default: "
                         "docs/captured_gain for held-out, out/grid for train).")
+    parser.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="Samples a prompt in the evaluation "
+                        "(SE(G) grows as 1/sqrt(N); fewer keep a grid on the training prompts affordable on a CPU).")
     parser.add_argument("--no-eval", action="store_true", help="Only train (evaluate later, e.g. on a quieter machine).")
     args = parser.parse_args()
     started = time.time()
@@ -228,12 +231,13 @@ def main() -> int:
     if args.no_eval:
         return 0
     prompts, n_prompts = (heldout, n_heldout) if args.prompts == "heldout" else (train, n_train)
-    report = evaluate(prompts, records, out / args.prompts, env)
+    report = evaluate(prompts, records, out / args.prompts, env, args.eval_samples)
     rows = rows_of(report, records)
     text = (f"`python bench/captured_gain.py {' '.join(sys.argv[1:])}`\n\nSmolLM2-135M-Instruct + LoRA, VADER, beta "
-            f"{BETA}, {args.prompts} prompts ({n_prompts}) x {EVAL_SAMPLES} samples; budget {args.budget} oracle "
+            f"{BETA}, {args.prompts} prompts ({n_prompts}) x {args.eval_samples} samples; budget {args.budget} oracle "
             f"queries a run. Wall time of this invocation: {(time.time() - started) / 60:.0f} min on "
-            f"{os.cpu_count()} cores (load at the end {os.getloadavg()[0]:.1f}).\n\n" + tables(report, rows, n_prompts))
+            f"{os.cpu_count()} cores (load at the end {os.getloadavg()[0]:.1f}).\n\n"
+            + tables(report, rows, n_prompts, args.eval_samples))
     print(text)
     docs = Path(args.docs) if args.docs else (ROOT / "docs/captured_gain" if args.prompts == "heldout"
                                               else out / "grid")
