@@ -69,6 +69,16 @@ def test_pairs_are_labelled_by_reward_and_ties_dropped():
     assert pairs == [("b", "a", 0.9, 0.1)]
 
 
+def test_all_pairing_compares_every_two_accepted_responses():
+    """pairing 'all': each of K responses is compared with the K - 1 others (ties still dropped), so a query
+    buys K - 1 comparisons instead of one; an unknown pairing is refused by name, before any sampling."""
+    pairs = pair_by_reward(["a", "b", "c", "d"], [0.1, 0.9, 0.5, 0.5], pairing="all")
+    assert sorted(pairs) == sorted([("b", "a", 0.9, 0.1), ("c", "a", 0.5, 0.1), ("d", "a", 0.5, 0.1),
+                                    ("b", "c", 0.9, 0.5), ("b", "d", 0.9, 0.5)])
+    with pytest.raises(ValueError, match="pairing must be one of"):
+        RejectionSamplingArguments(reward_fn="vader", pairing="tournament")
+
+
 def test_rso_dataset_is_written_as_it_goes_and_resumes(bed, tmp_path):
     bandit, model, tokenizer = bed
     calls = []

@@ -53,11 +53,26 @@ def rejection_sample(
     return torch.rand(rewards.shape, generator=generator, dtype=torch.float64) < accept_prob
 
 
-def pair_by_reward(responses: list[str], rewards: list[float]) -> list[tuple[str, str, float, float]]:
-    """Pair consecutive accepted responses; the higher reward is chosen. Ties carry no preference: dropped."""
+PAIRINGS = ("consecutive", "all")
+
+
+def pair_by_reward(responses: list[str], rewards: list[float],
+                   pairing: str = "consecutive") -> list[tuple[str, str, float, float]]:
+    """Pairs of accepted responses, the higher reward chosen; ties carry no preference and are dropped.
+
+    "consecutive": responses 0-1, 2-3, ... (each in at most one pair, as in the RSO paper). "all": every one of
+    the K (K - 1) / 2 pairs. Both keep the tilt as DPO's population optimum under expected labels (a pair's
+    loss is minimised at the same log-ratio whichever pairs are formed); "all" gives each query K - 1 comparisons
+    instead of one, which is where a small oracle budget's signal is (docs/captured_gain.md)."""
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    if pairing == "consecutive":
+        index_pairs = [(i, i + 1) for i in range(0, len(responses) - 1, 2)]
+    else:
+        index_pairs = [(i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))]
     pairs = []
-    for i in range(0, len(responses) - 1, 2):
-        (a, ra), (b, rb) = (responses[i], rewards[i]), (responses[i + 1], rewards[i + 1])
+    for i, j in index_pairs:
+        (a, ra), (b, rb) = (responses[i], rewards[i]), (responses[j], rewards[j])
         if ra == rb:
             continue
         pairs.append((a, b, ra, rb) if ra > rb else (b, a, rb, ra))
@@ -86,6 +101,10 @@ class RejectionSamplingArguments:
         default=None, metadata={"help": "Where the pairs are written (JSONL); default: <output_dir>/rso_pairs.jsonl."}
     )
     sampling_seed: int = field(default=0, metadata={"help": "Seed of generation and acceptance draws."})
+    pairing: str = field(
+        default="consecutive", metadata={"help": "How a prompt's accepted responses are paired: 'consecutive' "
+                                         "(0-1, 2-3, ...: each in one pair) or 'all' (every pair)."}
+    )
 
     def __post_init__(self):
         if (self.reward_fn is None) == (self.reward_model_path is None):
@@ -93,6 +112,8 @@ class RejectionSamplingArguments:
         if self.num_candidates < 2:
             raise ValueError(f"num_candidates must be >= 2 to form pairs, got {self.num_candidates}")
         check_beta(self.sampling_beta, "sampling_beta")
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}")
 
 
 def build_rso_dataset(
@@ -166,7 +187,7 @@ def _check_manifest(out_path: Path, reference, oracle, args, generation) -> None
     """The same settings always draw the same pairs, so a re-run continues the file; other settings never may."""
     settings = {"klalign_version": klalign.__version__, "sampler": model_fingerprint(reference),
                 "oracle": oracle.fingerprint(), "generation": dataclasses.asdict(generation),
-                **{k: getattr(args, k) for k in ("num_candidates", "sampling_beta", "r_max", "sampling_seed")}}
+                **{k: getattr(args, k) for k in ("num_candidates", "sampling_beta", "r_max", "sampling_seed", "pairing")}}
     check_or_write(out_path.with_name(f"{out_path.stem}.manifest.json"), settings, out_path.exists(), True,
                    "the RSO pairs file")
 
@@ -177,7 +198,7 @@ def _accept_and_pair(key: str, prompt, responses: list[str], oracle: RewardOracl
     rewards = oracle.score([prompt] * len(responses), responses)
     generator = torch.Generator().manual_seed(derived_seed(args.sampling_seed, "accept", key))
     kept = rejection_sample(rewards, args.sampling_beta, args.r_max, generator).nonzero().flatten().tolist()
-    pairs = pair_by_reward([responses[i] for i in kept], [rewards[i].item() for i in kept])
+    pairs = pair_by_reward([responses[i] for i in kept], [rewards[i].item() for i in kept], args.pairing)
     record = {"prompt": prompt, "accepted": len(kept), "candidates": len(responses)}
     rows = [{**record, "chosen": as_turn(prompt, chosen), "rejected": as_turn(prompt, rejected),
              "chosen_reward": r_c, "rejected_reward": r_r} for chosen, rejected, r_c, r_r in pairs]
