@@ -30,6 +30,8 @@ from transformers import (
     AutoTokenizer,
 )
 
+from klalign.ops.attention import use_grouped_sdpa
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -179,10 +181,12 @@ def load_causal_lm(
     trainable: bool = True,
     cache_dir: str | None = None,
 ):
-    """A causal LM from any supported path, optionally with a PEFT adapter on top."""
+    """A causal LM from any supported path, optionally with a PEFT adapter on top; SDPA attention runs as
+    `klalign.ops.attention.GROUPED_SDPA` (the same results, grouped K/V heads not repeated on CPU)."""
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(path, cache_dir), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
     )
+    use_grouped_sdpa(model)
     if adapter_path is not None:
         from peft import PeftModel
 

@@ -21,6 +21,7 @@ import copy
 import numpy as np
 import torch
 
+from klalign.ops.attention import GROUPED_SDPA
 from klalign.ops.batching import completion_batch, pack_pairs
 from klalign.ops.modules import base_model, text_config, unwrap
 
@@ -75,10 +76,11 @@ def _head_logprobs(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _packable(model, length: int) -> bool:
     """A custom (B, 1, L, L) mask reaches attention as given: transformers' SDPA and eager paths take it (other
-    kernels build their own masks), and no sliding window shorter than the packed row would be dropped."""
+    kernels build their own masks; `GROUPED_SDPA` is SDPA), and no sliding window shorter than the packed row would
+    be dropped."""
     config = text_config(model)
     window = getattr(config, "sliding_window", None)
-    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and not (window and window < length)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", GROUPED_SDPA, "eager") and not (window and window < length)
 
 
 def _paired_token_logprobs(model, packed: dict, input_ids, completion_mask, lean: bool) -> torch.Tensor:
