@@ -98,15 +98,19 @@ def smollm2_trl(args, tokenizer, prompts) -> list[float]:
     # TRL takes a batch of the dataset per step: cycle the prompts so that every step gets a full batch (with the
     # 40 prompts as they are, the second step of an epoch would get the 8 left over).
     cycled = Dataset.from_list([prompts[i % len(prompts)] for i in range(args.rounds * args.prompts)])
-    trainer = OnlineDPOTrainer(model=load_causal_lm(SMOLLM2), reward_funcs=reward, args=config, train_dataset=cycled,
+    model = load_causal_lm(SMOLLM2)
+    model.set_attn_implementation("sdpa")  # as a TRL user's from_pretrained loads it (klalign's loader: klalign_sdpa)
+    trainer = OnlineDPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=cycled,
                                processing_class=tokenizer, peft_config=lora(), callbacks=[timer])
     trainer.train()
     return timer.rounds()
 
 
-def smollm2_trainer(args, tokenizer, prompts, samples: int, callbacks, **extra) -> IterativeDPOTrainer:
+def smollm2_trainer(args, tokenizer, prompts, samples: int, callbacks, attention: str | None = None,
+                    **extra) -> IterativeDPOTrainer:
     """klalign's round at this benchmark's SmolLM2 settings (one DPO step on the round's pairs); `extra`: more
-    IterativeDPOConfig fields (the generation backend). bench/sampler_logprob_reuse.py builds the same trainer."""
+    IterativeDPOConfig fields (the generation backend); `attention`: another attention implementation than
+    the loader's (klalign_sdpa), to measure that lever. bench/sampler_logprob_reuse.py builds the same trainer."""
     from klalign import load_causal_lm
 
     config = IterativeDPOConfig(
@@ -116,14 +120,17 @@ def smollm2_trainer(args, tokenizer, prompts, samples: int, callbacks, **extra) 
         temperature=1.0, generation_batch_size=samples * args.prompts, beta=0.1, save_every_rounds=args.rounds,
         **extra, **COMMON,
     )
-    return IterativeDPOTrainer(model=load_causal_lm(SMOLLM2), args=config, train_dataset=prompts,
+    model = load_causal_lm(SMOLLM2)
+    if attention is not None:
+        model.set_attn_implementation(attention)
+    return IterativeDPOTrainer(model=model, args=config, train_dataset=prompts,
                                processing_class=tokenizer, oracle=CallableReward(vader_sentiment, name="vader"),
                                peft_config=lora(), callbacks=callbacks)
 
 
-def smollm2_klalign(args, tokenizer, prompts, samples: int, backend: str) -> list[float]:
+def smollm2_klalign(args, tokenizer, prompts, samples: int, backend: str, attention: str | None = None) -> list[float]:
     timer = RoundTimer("round")
-    smollm2_trainer(args, tokenizer, prompts, samples, [timer], generation_backend=backend,
+    smollm2_trainer(args, tokenizer, prompts, samples, [timer], attention, generation_backend=backend,
                     vllm_dtype=args.vllm_dtype, vllm_kv_cache_gb=args.vllm_kv_cache_gb).train()
     return timer.rounds()
 
@@ -148,6 +155,8 @@ def smollm2_main(args):
         "klalign, vLLM backend, 2 samples": lambda: smollm2_klalign(args, tokenizer, prompts, 2, "vllm"),
         "klalign, HF backend, 4 samples": lambda: smollm2_klalign(args, tokenizer, prompts, 4, "hf"),
         "klalign, vLLM backend, 4 samples": lambda: smollm2_klalign(args, tokenizer, prompts, 4, "vllm"),
+        "klalign, HF backend, 2 samples, transformers' sdpa (K/V heads repeated)":
+            lambda: smollm2_klalign(args, tokenizer, prompts, 2, "hf", attention="sdpa"),
     }
     if args.variants:
         keep = [int(i) for i in args.variants.split(",")]
