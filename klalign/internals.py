@@ -88,6 +88,12 @@ INTERNALS = [
              "TRL's own bookkeeping around it",
              lambda: _parameters(DPO, "_compute_loss")[1:4] == ["model", "inputs", "return_outputs"]
              and _source_mentions(DPO, "compute_loss", "_compute_loss")),
+    Internal("DPOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)", "trl",
+             "klalign.trainers.dpo (pairs with their sampled token ids)",
+             "TRL tokenizes every dataset there, re-rendering the text with the chat template, and has no option to "
+             "take pre-tokenized pairs as they are",
+             lambda: _parameters(DPO, "_prepare_dataset")[1:5] == ["dataset", "processing_class", "args",
+                                                                   "dataset_name"]),
     Internal("DPOTrainer.precompute_ref_logps", "trl", "klalign.trainers.dpo",
              "whether TRL precomputed the reference log-probs (`ref_chosen_logps` in the batch) is only recorded here",
              lambda: _source_mentions(DPO, "__init__", "self.precompute_ref_logps")),

@@ -93,3 +93,36 @@ def test_rso_dataset_is_written_as_it_goes_and_resumes(bed, tmp_path):
     calls.clear()
     stats2 = build_rso_dataset(model, tokenizer, bandit.prompts, counting, out, args, gen)
     assert stats2["sampled"] == 0 and calls == []  # done prompts are not sampled or scored again
+
+
+def test_dpo_trains_on_the_sampled_tokens_of_rso_pairs(bed, tmp_path):
+    """Replies cut at max_new_tokens (1 here: an action and no EOS) are trained on as sampled: the RSO rows carry
+    their token ids and `klalign.DPOTrainer` takes them, where tokenizing the text would end each reply with an
+    EOS it never sampled (TRL appends one to every non-conversational reply; a chat template closes every
+    assistant turn). Ids written with another tokenizer fall back to the text."""
+    import copy
+
+    from datasets import Dataset
+
+    from klalign import DPOConfig, DPOTrainer, load_preference_dataset
+
+    bandit, model, tokenizer = bed
+    args = RejectionSamplingArguments(num_candidates=8, sampling_beta=2.0, reward_fn="vader", pairing="all")
+    out = tmp_path / "pairs.jsonl"
+    build_rso_dataset(model, tokenizer, bandit.prompts, TestbedReward(bandit), out, args,
+                      GenerationArguments(max_new_tokens=1))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    actions = set(bandit.action_token_ids)
+    assert rows and all(len(r["chosen_ids"]) == 1 and r["chosen_ids"][0] in actions for r in rows)  # no EOS
+    config = DPOConfig(output_dir=str(tmp_path / "dpo"), use_cpu=True, report_to=[], max_steps=1,
+                       per_device_train_batch_size=4, pair_labels="expected")
+
+    def trained_rows(data):
+        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=config, train_dataset=data,
+                             processing_class=tokenizer)
+        return [(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) for row in trainer.train_dataset]
+
+    data = load_preference_dataset(out)
+    assert trained_rows(data) == [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows]
+    other = Dataset.from_list([{**r, "token_ids_vocab": "vocab:another"} for r in rows])
+    assert all(chosen[-1] == tokenizer.eos_token_id for _, chosen, _ in trained_rows(other))  # the text, retokenized

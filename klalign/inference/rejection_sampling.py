@@ -24,10 +24,15 @@ import klalign
 from klalign.config.checks import check_beta
 from klalign.data.prompts import as_turn, prompt_key
 from klalign.generation.sample import sample_completions
-from klalign.generation.types import GenerationArguments
+from klalign.generation.types import Completion, GenerationArguments
 from klalign.models.placement import decided_on_main
 from klalign.oracles.base import RewardOracle
-from klalign.runs.manifest import check_or_write, model_fingerprint
+from klalign.runs.manifest import (
+    SAMPLED_VOCAB,
+    check_or_write,
+    model_fingerprint,
+    tokenizer_fingerprint,
+)
 from klalign.runs.prompt_jobs import (
     append_lines,
     prompt_groups,
@@ -56,9 +61,9 @@ def rejection_sample(
 PAIRINGS = ("consecutive", "all")
 
 
-def pair_by_reward(responses: list[str], rewards: list[float],
-                   pairing: str = "consecutive") -> list[tuple[str, str, float, float]]:
-    """Pairs of accepted responses, the higher reward chosen; ties carry no preference and are dropped.
+def pair_by_reward(responses: list, rewards: list[float], pairing: str = "consecutive") -> list[tuple]:
+    """Pairs (chosen, rejected, its reward, the other's) of accepted responses (texts or `Completion`s), the
+    higher reward chosen; ties carry no preference and are dropped.
 
     "consecutive": responses 0-1, 2-3, ... (each in at most one pair, as in the RSO paper). "all": every one of
     the K (K - 1) / 2 pairs. Both keep the tilt as DPO's population optimum under expected labels (a pair's
@@ -161,10 +166,11 @@ def build_rso_dataset(
         samples = sample_completions(reference, tokenizer, group, args.num_candidates, generation,
                                      seed=derived_seed(args.sampling_seed, "rso", *keys), progress=False,
                                      engine=engine, weights_key="sampler")
-        return [_accept_and_pair(key, prompt, [c.text for c in cands], oracle, args)
+        return [_accept_and_pair(key, prompt, cands, oracle, args, vocab)
                 for key, prompt, cands in zip(keys, group, samples)]
 
     sampled = []
+    vocab = tokenizer_fingerprint(tokenizer)
 
     def write(keys: list[str], results: list[dict]) -> None:
         for key, result in zip(keys, results):
@@ -192,16 +198,22 @@ def _check_manifest(out_path: Path, reference, oracle, args, generation) -> None
                    "the RSO pairs file")
 
 
-def _accept_and_pair(key: str, prompt, responses: list[str], oracle: RewardOracle,
-                     args: RejectionSamplingArguments) -> dict:
-    """One prompt's candidates scored, accepted (a generator seeded by the prompt) and paired."""
+def _accept_and_pair(key: str, prompt, candidates: list[Completion], oracle: RewardOracle,
+                     args: RejectionSamplingArguments, vocab: str) -> dict:
+    """One prompt's candidates scored, accepted (a generator seeded by the prompt) and paired. Each row carries
+    the text and the sampled tokens themselves (`prompt_ids`, `chosen_ids`, `rejected_ids`, with the tokenizer's
+    fingerprint): `klalign.DPOTrainer` trains on those, so a reply cut at max_new_tokens gets no end-of-turn
+    token that was never sampled, as the chat template would add to its text."""
+    responses = [c.text for c in candidates]
     rewards = oracle.score([prompt] * len(responses), responses)
     generator = torch.Generator().manual_seed(derived_seed(args.sampling_seed, "accept", key))
     kept = rejection_sample(rewards, args.sampling_beta, args.r_max, generator).nonzero().flatten().tolist()
-    pairs = pair_by_reward([responses[i] for i in kept], [rewards[i].item() for i in kept], args.pairing)
+    pairs = pair_by_reward([candidates[i] for i in kept], [rewards[i].item() for i in kept], args.pairing)
     record = {"prompt": prompt, "accepted": len(kept), "candidates": len(responses)}
-    rows = [{**record, "chosen": as_turn(prompt, chosen), "rejected": as_turn(prompt, rejected),
-             "chosen_reward": r_c, "rejected_reward": r_r} for chosen, rejected, r_c, r_r in pairs]
+    rows = [{**record, "chosen": as_turn(prompt, chosen.text), "rejected": as_turn(prompt, rejected.text),
+             "chosen_reward": r_c, "rejected_reward": r_r, "prompt_ids": chosen.prompt_ids,
+             "chosen_ids": chosen.completion_ids, "rejected_ids": rejected.completion_ids, SAMPLED_VOCAB: vocab}
+            for chosen, rejected, r_c, r_r in pairs]
     return {**record, "pairs": len(pairs), "rows": rows}
 
 

@@ -71,6 +71,16 @@ def model_fingerprint(model) -> str:
     return "weights:" + hasher.hexdigest()[:16]
 
 
+SAMPLED_VOCAB = "token_ids_vocab"  # the column naming the tokenizer a dataset's token-id columns were written with
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A content hash of a tokenizer's vocabulary (token -> id, added tokens included): token ids written with one
+    tokenizer mean the same text under another only if this agrees."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return "vocab:" + hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 def differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
     """`key: recorded -> current` for every setting that differs (nested dicts flattened)."""
     out = []
