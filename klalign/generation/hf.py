@@ -99,8 +99,9 @@ class InverseCdfSampler(LogitsProcessor):
     law sampled from.
 
     Why not `generate`'s own sampling: `torch.multinomial` draws one exponential variate per row and vocabulary
-    entry (35-40 ms a step at 32 rows x 49k tokens on one CPU thread: ~9% of SmolLM2's generation time), where
-    the inverse CDF of one uniform per row needs a cumulative sum (5-9 ms). The law is the same; the cumulative
+    entry (40 ms a step at 32 rows x 49k tokens on one CPU thread, alone), where the inverse CDF of one uniform
+    per row needs a cumulative sum (6-9 ms); a SmolLM2 sampling call takes 2-4% less time
+    (docs/bench/sampling_levers.md). The law is the same; the cumulative
     sum is in float64, so float32 rounding distorts no tail token's probability. Public hooks only: a
     `LogitsProcessor` and greedy decoding (issue 22, where the time goes). One step's scores (B, V) are held at a
     time, never `output_scores`' (B, T, V)."""

@@ -193,7 +193,8 @@ def _check_manifest(out_path: Path, reference, oracle, args, generation) -> None
     """The same settings always draw the same pairs, so a re-run continues the file; other settings never may."""
     settings = {"klalign_version": klalign.__version__, "sampler": model_fingerprint(reference),
                 "oracle": oracle.fingerprint(), "generation": dataclasses.asdict(generation),
-                **{k: getattr(args, k) for k in ("num_candidates", "sampling_beta", "r_max", "sampling_seed", "pairing")}}
+                **{k: getattr(args, k) for k in ("num_candidates", "sampling_beta", "r_max", "sampling_seed",
+                                                 "pairing")}}
     check_or_write(out_path.with_name(f"{out_path.stem}.manifest.json"), settings, out_path.exists(), True,
                    "the RSO pairs file")
 

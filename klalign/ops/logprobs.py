@@ -80,7 +80,8 @@ def _packable(model, length: int) -> bool:
     be dropped."""
     config = text_config(model)
     window = getattr(config, "sliding_window", None)
-    return getattr(config, "_attn_implementation", None) in ("sdpa", GROUPED_SDPA, "eager") and not (window and window < length)
+    takes_mask = getattr(config, "_attn_implementation", None) in ("sdpa", GROUPED_SDPA, "eager")
+    return takes_mask and not (window and window < length)
 
 
 def _paired_token_logprobs(model, packed: dict, input_ids, completion_mask, lean: bool) -> torch.Tensor:
