@@ -9,7 +9,7 @@ from klalign.generation.hf import hf_sample
 from klalign.generation.types import GenerationArguments
 from klalign.models.loading import load_causal_lm, load_tokenizer
 from klalign.ops.attention import GROUPED_SDPA
-from klalign.ops.batching import left_padded
+from klalign.ops.batching import completion_batch, left_padded
 from klalign.ops.logprobs import sequence_logprobs
 
 PROMPTS = ["Hi", "How was the movie today, tell me?", [{"role": "user", "content": "Describe the city."}]]
@@ -65,10 +65,9 @@ def test_grouped_sdpa_samples_and_scores_pairs_as_sdpa(tiny_policy_dir):
         model.set_attn_implementation(impl)
         torch.manual_seed(0)
         draws[impl] = hf_sample(model, tokenizer, PROMPTS, 2, args, progress=False, sampler_logprobs=True)
-        rows = [c.prompt_ids + c.completion_ids for c in draws["sdpa"]]
-        prompt_lengths = [len(c.prompt_ids) for c in draws["sdpa"]]
-        chosen, rejected = rows[0::2], rows[1::2]  # a prompt's two samples
-        batch = completion_rows(chosen + rejected, prompt_lengths[0::2] * 2, tokenizer.pad_token_id)
+        pairs = draws["sdpa"][0::2] + draws["sdpa"][1::2]  # TRL's layout: chosen rows, then a prompt's other sample
+        batch = completion_batch([c.prompt_ids for c in pairs], [c.completion_ids for c in pairs],
+                                 tokenizer.pad_token_id)
         rows_seen = []
         hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows_seen.append(i[0].size(0)))
         pair_logps[impl] = sequence_logprobs(model, **batch, pairs=True)
@@ -79,14 +78,3 @@ def test_grouped_sdpa_samples_and_scores_pairs_as_sdpa(tiny_policy_dir):
         np.testing.assert_allclose(a.sampler_logprobs, b.sampler_logprobs, rtol=0, atol=1e-5)
     torch.testing.assert_close(pair_logps[GROUPED_SDPA], pair_logps["sdpa"], rtol=0, atol=1e-4)
 
-
-def completion_rows(rows: list[list[int]], prompt_lengths: list[int], pad_id: int) -> dict:
-    """TRL's pair layout (right-padded): input_ids, attention_mask and completion_mask."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id)
-    attention, completion = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, (row, n) in enumerate(zip(rows, prompt_lengths)):
-        ids[i, : len(row)] = torch.tensor(row)
-        attention[i, : len(row)] = 1
-        completion[i, n : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}

@@ -182,12 +182,12 @@ def test_sampled_law_is_the_tempered_nucleus(bandit):
     the bed's exact logits), and not the untempered law: 3000 draws per prompt, chi-square."""
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
+    from klalign.testbed.model import _next_token_logprobs
+
     model, tokenizer = bandit.build_model(), bandit.tokenizer
     n, args = 3000, GenerationArguments(max_new_tokens=2, temperature=1.5, top_p=0.9)
     samples = sample_completions(model, tokenizer, bandit.prompts, n, args, seed=0, progress=False)
     counts = action_counts(bandit, samples)
-    from klalign.testbed.model import _next_token_logprobs
-
     logits = _next_token_logprobs(model, tokenizer, bandit.prompts).float()  # (C, V): logits up to a constant
     law = torch.softmax(TopPLogitsWarper(0.9)(None, TemperatureLogitsWarper(1.5)(None, logits)), -1)
     law = law[:, bandit.action_token_ids].double().numpy()  # (C, K)
