@@ -10,7 +10,11 @@ evaluator's generation_batch_size (40):
   plain path (every row prefills its prompt), from the same seed: the draws must be the same;
 - scoring: s(y) of every sample with the prompt run once per prompt (`completion_logprobs`) against full
   rows in batches of `logprob_batch_size` 16 (the old `completion_logprobs`);
-- the model's own scoring pass, which the evaluator now skips: the sampler's log-probs against a recompute.
+- the model's own scoring pass, which the evaluator now skips: the sampler's log-probs against a recompute;
+- sampling a LoRA checkpoint (r 8 on every linear layer, random adapter weights) through PEFT's layers against
+  its merged weights (`merge_and_unload`), from the same seed;
+- sampling with generation_batch_size 80 (the shipped config's since this lever) against 40: 10 prompts x 8
+  samples a call instead of 5 (with `--prompts 10`, the evaluate_speed scale; the samples differ, the law not).
 Medians over `--repeats`; the largest differences between the paths are printed. A benchmark, never a test.
 """
 
@@ -26,6 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from klalign.generation import hf  # noqa: E402
@@ -56,7 +61,7 @@ def timed(fn):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
@@ -69,7 +74,14 @@ def main():
         prompts = [json.loads(line)["prompt"] for line in f][: args.prompts]
     generation = GenerationArguments(max_new_tokens=args.max_new_tokens, generation_batch_size=40)
     shared_prefill, plain_prefill = hf.prefilled_prompts, lambda *a, **k: None
-    times = {key: [] for key in ("sample_plain", "sample_shared", "score_full", "score_shared")}
+    times = {key: [] for key in ("sample_plain", "sample_shared", "score_full", "score_shared", "sample_peft",
+                                 "sample_merged", "sample_batch80")}
+    torch.manual_seed(0)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)).eval()
+    merged = get_peft_model(AutoModelForCausalLM.from_pretrained(path), peft.peft_config["default"])
+    merged.load_state_dict(peft.state_dict())
+    merged = merged.merge_and_unload().eval()
     diffs = {"draws_equal": True, "sampler_shared_vs_plain": 0.0, "score": 0.0, "sampler_vs_recompute_token": 0.0,
              "sampler_vs_recompute_sequence": 0.0}
     load = os.getloadavg()
@@ -83,6 +95,15 @@ def main():
             times[f"sample_{name}"].append(seconds)
             samples[name] = per
         hf.prefilled_prompts = shared_prefill
+        for name, sampler, batch_size in (("peft", peft, 40), ("merged", merged, 40), ("batch80", model, 80)):
+            torch.manual_seed(0)
+            seconds, per = timed(lambda: hf.hf_sample(sampler, tokenizer, prompts, args.samples, GenerationArguments(
+                max_new_tokens=args.max_new_tokens, generation_batch_size=batch_size), progress=False,
+                sampler_logprobs=True))
+            times[f"sample_{name}"].append(seconds)
+            samples[name] = per
+        diffs["lora_draws_equal"] = diffs.get("lora_draws_equal", 0) + sum(
+            x.completion_ids == y.completion_ids for x, y in zip(samples["peft"], samples["merged"]))
         a, b = samples["plain"], samples["shared"]
         diffs["draws_equal"] &= [c.completion_ids for c in a] == [c.completion_ids for c in b]
         diffs["sampler_shared_vs_plain"] = max(diffs["sampler_shared_vs_plain"], max(
@@ -123,6 +144,13 @@ def main():
         f"{med['score_shared'] / med['score_full']:.2f}x | s(y) within {diffs['score']:.1e} |",
         f"| scoring a model's own samples | {med['score_full']:.1f} | 0 (the sampler's log-probs) | 0x | "
         f"{diffs['sampler_vs_recompute_token']:.1e} a token, {diffs['sampler_vs_recompute_sequence']:.1e} a sequence |",
+    ]
+    lines += [
+        f"| sampling a LoRA checkpoint, merged (PEFT's layers before) | {med['sample_peft']:.1f} | "
+        f"{med['sample_merged']:.1f} | {med['sample_merged'] / med['sample_peft']:.2f}x | same draws: "
+        f"{diffs['lora_draws_equal']} of {n * args.repeats} |",
+        f"| sampling with generation_batch_size 80 (40 before) | {med['sample_shared']:.1f} | "
+        f"{med['sample_batch80']:.1f} | {med['sample_batch80'] / med['sample_shared']:.2f}x | other draws, same law |",
     ]
     table = "\n".join(lines)
     print("\n" + table)

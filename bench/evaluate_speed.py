@@ -19,7 +19,7 @@ long for several runs on 2 cores: the reduction is said in the table).
 Each run is the command a user types (`python -m klalign.cli evaluate --config ...`) in a fresh process
 with a fresh `output_dir`, so nothing comes from the cache; its wall time includes loading the models
 (and building vLLM's engine). Variants:
-- "HF (today)": the config as it is: HF generate, fp32, generation_batch_size 40 (5 prompts x 8
+- "HF (today)": the config as it is: HF generate, fp32, generation_batch_size 80 (10 prompts x 8
   samples a call);
 - "vLLM fp32": `--generation_backend vllm` (klalign's colocated engine, the model's fp32), else the same;
 - "vLLM fp32, batch 320" and "vLLM bf16, batch 320" (`--extra`): `generation_batch_size 320`, so
@@ -109,7 +109,7 @@ def main():
     for tree in args.before:
         commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         trees[f"HF at {commit.stdout.strip()} (before)"] = tree
-    variants = {**{name: [] for name in trees}, "HF (this tree: fp32, generation_batch_size 40)": []}
+    variants = {**{name: [] for name in trees}, "HF (this tree: fp32, generation_batch_size 80)": []}
     if not args.no_vllm:
         variants["vLLM fp32 (generation_backend vllm)"] = ["--generation_backend", "vllm"]
     if args.extra:

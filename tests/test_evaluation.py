@@ -307,3 +307,50 @@ def test_the_checkpoints_own_log_probs_come_from_its_sampler(tmp_path, monkeypat
     tokens = sum(len(c.completion_ids) for c in completions)
     assert tokens > 24
     np.testing.assert_allclose(np.ravel(record["logprobs"]), recomputed, atol=1e-5 * 12, rtol=0)
+
+
+def test_an_adapter_checkpoint_is_sampled_merged_with_its_own_log_probs(tmp_path, monkeypatch):
+    """A LoRA checkpoint is evaluated through its merged weights (no PEFT layers in the sampling model: its
+    adapter matmuls cost sampling time), and what the evaluator records is the adapter model's law: its
+    sampler log-probs equal the unmerged PEFT model's recompute to 1e-5 a token."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from klalign.data.prompts import prompt_token_ids
+    from klalign.generation.types import Completion
+    from klalign.ops.logprobs import completion_logprobs
+
+    save_tiny_model("policy", tmp_path / "ref", seed=0)
+    torch.manual_seed(0)
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "ref"),
+                             LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "run" / "checkpoint-1")
+    AutoTokenizer.from_pretrained(tmp_path / "ref").save_pretrained(tmp_path / "run" / "checkpoint-1")
+    samplers, sample_and_score = [], evaluation.sample_and_score
+
+    def spy(model, *args, **kwargs):
+        samplers.append(model)
+        return sample_and_score(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "sample_and_score", spy)
+    args = EvaluationArguments(
+        checkpoints=[str(tmp_path / "run")], reference_model_path=str(tmp_path / "ref"), include_final_model=False,
+        prompt_dataset_path="configs/data/tiny_prompts.jsonl", max_prompts=3, num_samples=4, best_of_n_max=2,
+        frontier_lambdas=[0.0], output_dir=str(tmp_path / "out"), reward_fn="vader",
+    )
+    evaluate_checkpoints(args, GenerationArguments(max_new_tokens=12, generation_batch_size=12))
+    assert len(samplers) == 2  # the reference's samples, then the checkpoint's
+    assert not any("lora" in name for name, _ in samplers[1].named_modules())
+    record = json.loads(next((tmp_path / "out" / "cache").glob("checkpoint-*.json")).read_text())
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "ref"),
+                                     tmp_path / "run" / "checkpoint-1").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ref")
+    prompts = evaluation.load_prompt_dataset("configs/data/tiny_prompts.jsonl")["prompt"][:3]  # the evaluator's
+    completions = [Completion(prompt, prompt_token_ids(tokenizer, prompt), ids, "")
+                   for prompt, per in zip(prompts, record["completion_ids"]) for ids in per]
+    recomputed = completion_logprobs(peft, completions, tokenizer.pad_token_id, 16)
+    assert sum(len(c.completion_ids) for c in completions) > 24
+    np.testing.assert_allclose(np.ravel(record["logprobs"]), recomputed, atol=1e-5 * 12, rtol=0)
+    lora_logratio = np.abs(np.ravel(record["logratios"])).max()
+    assert lora_logratio > 1e-2  # the adapter is not a no-op: the check above tells the merged model from the base

@@ -272,10 +272,15 @@ def _prepare(args: EvaluationArguments, generation: GenerationArguments, oracle:
 
 
 def _load(path: str, args: EvaluationArguments, adapter_path: str | None = None):
-    """A model whole on the evaluation device (`device`), in the configured dtype."""
+    """A model whole on the evaluation device (`device`), in the configured dtype. An adapter is merged into its
+    base weights: the model is frozen here, and PEFT's separate adapter matmuls on every linear layer cost a
+    LoRA checkpoint's sampling ~10% on CPU (bench/evaluate_levers.py). The merged model computes W x + s B A x
+    as (W + s B A) x, equal to float rounding; its samples and their log-probs come from that one model."""
     with whole_model_loading():
         model = load_causal_lm(path, dtype=args.dtype, adapter_path=adapter_path, trainable=False,
                                cache_dir=args.cache_dir)
+    if adapter_path is not None:
+        model = model.merge_and_unload()
     return place_frozen(model, device=evaluation_device(args.device))
 
 
