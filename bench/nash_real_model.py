@@ -10,7 +10,8 @@ fp32) with a LoRA adapter (r 8, all linear layers; the reference is the disabled
 runs with the same settings (no per-method tuning: one grid point, stated below), the same seeds and the
 same prompts; a round is one iteration, and the trainer counts its preference queries.
 
-Exploitability needs the best response over all texts and cannot be computed here. Reported instead, per
+This benchmark judges final policies by win rate; exploitability, estimated from samples against pi_ref's best
+response, is bench/nash_exploitability.py. Reported here, per
 seed and as median [min, max] over seeds: each method's final policy against pi_ref and against every
 other method's final policy (the judge's mean P(A > B) on fresh samples for held-out prompts, the same
 prompts for every policy), the training queries, and where each final policy sits on the judge's three
