@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from head_to_head import SMOLLM2, split_prompts, write_config  # noqa: E402
+from head_to_head import SMOLLM2, recipe_env, split_prompts, write_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BETA = 0.25
@@ -215,8 +215,7 @@ def main() -> int:
     started = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = recipe_env()
     train, heldout, n_train, n_heldout = split_prompts(out)
     table_of = methods(args.budget, train, n_train)
     unknown = set(args.methods or []) - set(table_of)

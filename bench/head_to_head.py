@@ -51,6 +51,13 @@ BETA = 0.1
 TOKENS = 32
 
 
+def recipe_env() -> dict:
+    """The environment of a recipe subprocess: offline, one torch thread (2 slow ~100x when another process holds
+    a core, STACK.md), no progress bars."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
 def split_prompts(out: Path) -> tuple[Path, Path, int, int]:
     rows = [json.loads(line) for line in (ROOT / "configs/data/chat_prompts.jsonl").read_text().splitlines()]
     held = [r for r in rows if any(s in r["prompt"][-1]["content"] for s in HELD_OUT_SUBJECTS)]
@@ -252,8 +259,7 @@ def main() -> int:
     started = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = recipe_env()
     train, heldout, n_train, n_heldout = split_prompts(out)
     table_of = methods(args.budget, train, n_train)
     chosen = {k: v for k, v in table_of.items() if args.methods is None or k in args.methods}
