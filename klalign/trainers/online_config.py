@@ -40,6 +40,14 @@ class OnlineConfig(TrainingArguments, GenerationArguments):
                           "responses; 'none': no weights. Samples without sampler log-probs are not weighted."},
     )
     importance_cap: float = field(default=2.0, metadata={"help": "Truncation of the importance weights (> 1)."})
+    vllm_logprob_tolerance: float | None = field(
+        default=1e-3,
+        metadata={"help": "generation_backend vllm at temperature 1 and top_p 1 with an fp32 policy: recompute every "
+                          "8th sample's log-probs under the policy, and when no token differs from vLLM's by more "
+                          "than this (nats), keep vLLM's log-probs for every sample in place of the policy's frozen "
+                          "pass, unweighted; otherwise recompute them all and correct by importance weights. The "
+                          "check's mismatch is logged (sampler/mismatch_*). null: always recompute."},
+    )
     disable_dropout: bool = field(
         default=True,
         metadata={"help": "Turn every dropout of the policy (LoRA's lora_dropout included) and of the reference off, "
@@ -75,6 +83,8 @@ class OnlineConfig(TrainingArguments, GenerationArguments):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.generation_args()  # validates temperature, top_p, max_new_tokens, the backend
         self.importance_correction = IMPORTANCE_ALIASES.get(self.importance_correction, self.importance_correction)
+        if self.vllm_logprob_tolerance is not None and self.vllm_logprob_tolerance < 0:
+            raise ValueError(f"vllm_logprob_tolerance must be >= 0 or null, got {self.vllm_logprob_tolerance}")
         if self.importance_correction not in IMPORTANCE_CORRECTIONS or self.importance_cap <= 1:
             raise ValueError(f"importance_correction must be one of {list(IMPORTANCE_CORRECTIONS)} and importance_cap "
                              f"> 1, got {self.importance_correction!r}, {self.importance_cap}")
