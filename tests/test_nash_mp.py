@@ -442,6 +442,7 @@ def test_run_killed_inside_an_iteration_resumes_exactly(bed, tmp_path):
         (dict(method="sppo", samples_per_prompt=4, temperature=1.6), "sppo: its sppo loss"),
         (dict(method="nash_prox", temperature=0.7), "nash_prox: .*top_p 1"),
         (dict(win_rate_prompts=-1), "win_rate_prompts must be >= 0"),
+        (dict(vllm_logprob_tolerance=-1e-3), "vllm_logprob_tolerance must be >= 0 or null"),  # every OnlineConfig
     ],
 )
 def test_bad_config_is_named(overrides, message, tmp_path):

@@ -293,13 +293,13 @@ class OnlineTrainer(Trainer):
         return samples
 
     def _keep_vllm_logprobs(self, samples: list[list], args: GenerationArguments) -> None:
-        """Issue 22, item 2, for vLLM: at temperature 1 and top_p 1 vLLM samples from the policy's own law, and
-        its log-probs of the sampled tokens differ from the policy's only by its kernels (fp32 SmolLM2-135M:
-        1.7e-5 nats a token on average, 8e-5 at most; bf16 about 1e-2). Every 8th sample is recomputed by the
-        frozen pass; when no token differs by more than `vllm_logprob_tolerance`, every sample is marked as the
-        policy's own (`Completion.sampler_is_model`), so `policy_token_logprobs` keeps vLLM's log-probs and
-        nothing is importance-weighted. Otherwise all are recomputed and weighted, as before. The decision is
-        the same on every process (a ZeRO-3 pass is collective): the largest mismatch over all of them."""
+        """Issue 22, item 2, for vLLM: at temperature 1 and top_p 1 vLLM samples from the policy's own law, and its
+        log-probs of the sampled tokens differ from the policy's only by its kernels (fp32 SmolLM2-135M: 1.7e-5 nats
+        a token on average, 8e-5 at most; a bf16 engine 0.04 and 0.26). Every 8th sample is recomputed by the frozen
+        pass; when no token differs by more than `vllm_logprob_tolerance`, every sample is marked as the policy's
+        own (`Completion.sampler_is_model`), so `policy_token_logprobs` keeps vLLM's log-probs and nothing is
+        importance-weighted. Otherwise all are recomputed and weighted, as before. The decision is the same on every
+        process (a ZeRO-3 pass is collective): the largest mismatch over all of them."""
         tolerance = self.args.vllm_logprob_tolerance
         if tolerance is None or self._sampler_differs(args) or not self._fp32:
             return
