@@ -3,7 +3,9 @@
     OMP_NUM_THREADS=1 KLALIGN_CACHE=/work/klalign-cache HF_HUB_OFFLINE=1 python bench/evaluate_levers.py
     ... python bench/evaluate_levers.py --prompts 5 --samples 8 --max-new-tokens 48 --repeats 2
 
-SmolLM2-135M-Instruct fp32 (the shipped GGUF, converted once into the cache), the first `--prompts` prompts
+SmolLM2-135M-Instruct fp32 (the shipped GGUF, converted once into the cache), loaded as the evaluator loads it
+(`load_causal_lm`: klalign's grouped-query attention; runs before 2026-12-05 evening used transformers' "sdpa"),
+the first `--prompts` prompts
 of configs/data/chat_prompts.jsonl, `--samples` samples each, HF generation at temperature 1 with the
 evaluator's generation_batch_size (40):
 - sampling: `hf_sample` with each prompt prefilled once for its samples (`prefilled_prompts`) against the
@@ -31,11 +33,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 from klalign.generation import hf  # noqa: E402
 from klalign.generation.types import GenerationArguments  # noqa: E402
-from klalign.models.loading import load_tokenizer, resolve_model_path  # noqa: E402
+from klalign.models.loading import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
 from klalign.ops.batching import completion_batch  # noqa: E402
 from klalign.ops.logprobs import completion_logprobs, sequence_logprobs, token_logprobs  # noqa: E402
 
@@ -69,7 +70,7 @@ def main():
     args = parser.parse_args()
     path = resolve_model_path(SMOLLM2)
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = load_causal_lm(path, trainable=False).eval()
     with open("configs/data/chat_prompts.jsonl") as f:
         prompts = [json.loads(line)["prompt"] for line in f][: args.prompts]
     generation = GenerationArguments(max_new_tokens=args.max_new_tokens, generation_batch_size=40)
@@ -77,9 +78,9 @@ def main():
     times = {key: [] for key in ("sample_plain", "sample_shared", "score_full", "score_shared", "sample_peft",
                                  "sample_merged", "sample_batch40", "sample_batch80")}
     torch.manual_seed(0)
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(
+    peft = get_peft_model(load_causal_lm(path, trainable=False), LoraConfig(
         r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)).eval()
-    merged = get_peft_model(AutoModelForCausalLM.from_pretrained(path), peft.peft_config["default"])
+    merged = get_peft_model(load_causal_lm(path, trainable=False), peft.peft_config["default"])
     merged.load_state_dict(peft.state_dict())
     merged = merged.merge_and_unload().eval()
     diffs = {"draws_equal": True, "sampler_shared_vs_plain": 0.0, "score": 0.0, "sampler_vs_recompute_token": 0.0,
