@@ -111,8 +111,12 @@ def test_vllm_logprobs_kept_within_the_tolerance_and_recomputed_beyond_it(bed, t
     assert all(h["sampler/vllm_logprobs_kept"] == 1.0 for h in trainer.state.log_history if "round" in h)
     rows = []  # rows of every frozen pass from here on
     frozen = type(trainer).frozen_policy_token_logprobs
-    monkeypatch.setattr(type(trainer), "frozen_policy_token_logprobs",
-                        lambda self, batch, pairs=False: rows.append(len(batch["input_ids"])) or frozen(self, batch, pairs))
+
+    def counted(self, batch, pairs=False):
+        rows.append(len(batch["input_ids"]))
+        return frozen(self, batch, pairs)
+
+    monkeypatch.setattr(type(trainer), "frozen_policy_token_logprobs", counted)
 
     def scored(samples):
         flat = [c for per_prompt in samples for c in per_prompt]
