@@ -141,7 +141,7 @@ def test_vllm_logprobs_kept_within_the_tolerance_and_recomputed_beyond_it(bed, t
     assert rows == [6, 48] and not any(c.sampler_is_model for c in flat)
     assert torch.equal(recomputed, frozen(trainer, batch))
     assert all(c.importance_logprobs is not None for c in flat)  # weighted toward the policy, as before
-    metrics = trainer._sampler_check_metrics()
+    metrics = trainer.sampler_check.metrics()
     assert metrics["sampler/vllm_logprobs_kept"] == 0.5 and metrics["sampler/mismatch_max"] >= 0.01
 
 

@@ -74,7 +74,7 @@ class Completion:
     raw logits: its log-probs are the model's own, equal to a recompute on the same weights to float
     rounding. Not so for another temperature or top_p (another law), nor for vLLM (other kernels and dtypes)
     unless an online trainer measured its log-probs within `vllm_logprob_tolerance` of the policy's and marked
-    its samples (`klalign.trainers.online.OnlineTrainer.generate`)."""
+    its samples (`klalign.generation.sampler_check`)."""
 
     prompt: object  # str or list of messages
     prompt_ids: list[int]

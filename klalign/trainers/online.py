@@ -39,15 +39,12 @@ from transformers.trainer_utils import TrainOutput
 import klalign
 from klalign.data.datasets import validate_prompt_dataset
 from klalign.generation.sample import sample_completions
+from klalign.generation.sampler_check import SamplerLogprobCheck
 from klalign.generation.types import GenerationArguments
 from klalign.models.placement import decided_on_main, prepare_frozen
 from klalign.models.reference import Reference
 from klalign.ops.batching import completion_batch
-from klalign.ops.importance import (
-    at_scored_positions,
-    mismatch_metrics,
-    sample_statistics,
-)
+from klalign.ops.importance import at_scored_positions, sample_statistics
 from klalign.ops.logprobs import sequence_logprobs, token_logprobs
 from klalign.ops.modules import disable_dropout, evaluation_mode
 from klalign.runs.feedback import FeedbackStore
@@ -110,7 +107,7 @@ class OnlineTrainer(Trainer):
         self.oracle = oracle.prepare(self.accelerator) if oracle is not None else None
         self.store = FeedbackStore(args.feedback_dir or Path(args.output_dir) / "feedback")
         self._engine, self._weights_version = None, 0  # the vLLM engine (generation_backend: vllm)
-        self._sampler_checks: list[dict] = []  # this round's checks of vLLM's log-probs (`_keep_vllm_logprobs`)
+        self.sampler_check = SamplerLogprobCheck(args.vllm_logprob_tolerance)  # this round's checks of vLLM's log-probs
         # fp32 end to end: HF's sampler log-probs equal a frozen pass to float rounding (`policy_token_logprobs`)
         self._fp32 = self.accelerator.mixed_precision == "no" and all(
             p.dtype == torch.float32 for p in self.model.parameters())
@@ -179,7 +176,7 @@ class OnlineTrainer(Trainer):
             seed_everything(derived_seed(self.args.seed, round_index, "update"))
             self.clock.begin(round_index, self.steps_per_round())  # refined by `begin_update` with the exact count
             metrics = {"round": round_index, **self.update(round_index, rows)}
-            for name, value in self._sampler_check_metrics().items():
+            for name, value in self.sampler_check.metrics().items():
                 metrics.setdefault(name, value)  # a full pass's mismatch, where one ran, is the better measurement
             if self.round_schedule:
                 advance(self.lr_scheduler, self.clock.end())
@@ -288,43 +285,16 @@ class OnlineTrainer(Trainer):
                                      accelerator=self.accelerator, progress=False, engine=engine,
                                      weights_key=self._weights_key(weights),
                                      sampler_logprobs=self._sampler_differs(args) or self._fp32)
-        if engine is not None:
-            self._keep_vllm_logprobs(samples, args)
+        if engine is not None and self._fp32 and not self._sampler_differs(args):
+            self.sampler_check.keep_if_close(samples, self._sampler_mismatch)  # vLLM's log-probs kept if they match
         return samples
 
-    def _keep_vllm_logprobs(self, samples: list[list], args: GenerationArguments) -> None:
-        """Issue 22, item 2, for vLLM: at temperature 1 and top_p 1 vLLM samples from the policy's own law, and its
-        log-probs of the sampled tokens differ from the policy's only by its kernels (fp32 SmolLM2-135M: 1.7e-5 nats
-        a token on average, 8e-5 at most; a bf16 engine 0.04 and 0.26). Every 8th sample is recomputed by the frozen
-        pass; when no token differs by more than `vllm_logprob_tolerance`, every sample is marked as the policy's
-        own (`Completion.sampler_is_model`), so `policy_token_logprobs` keeps vLLM's log-probs and nothing is
-        importance-weighted. Otherwise all are recomputed and weighted, as before. The decision is the same on every
-        process (a ZeRO-3 pass is collective): the largest mismatch over all of them."""
-        tolerance = self.args.vllm_logprob_tolerance
-        if tolerance is None or self._sampler_differs(args) or not self._fp32:
-            return
-        flat = [c for per_prompt in samples for c in per_prompt]
-        checked = flat[::8]  # (ceil(N / 8),): spread over the prompts, in order
-        stats = []
-        if checked:
-            batch = self.batch([c.prompt_ids for c in checked], [c.completion_ids for c in checked])
-            stats = sample_statistics(self.frozen_policy_token_logprobs(batch), batch["completion_mask"],
-                                      [c.sampler_logprobs for c in checked])
-        worst = max(gather_object([max((s["mismatch_max"] for s in stats), default=0.0)]))
-        kept = worst <= tolerance
-        self._sampler_checks.append({"stats": stats, "kept": kept})
-        if kept:
-            for c in flat:
-                c.sampler_is_model = True
-
-    def _sampler_check_metrics(self) -> dict[str, float]:
-        """The round's checks of vLLM's log-probs: the mismatch on the checked samples (`sampler/mismatch_*`) and
-        the share of sampling calls whose log-probs were kept (`sampler/vllm_logprobs_kept`); {} without any."""
-        checks, self._sampler_checks = self._sampler_checks, []
-        if not checks:
-            return {}
-        return {**mismatch_metrics([s for check in checks for s in check["stats"]]),
-                "sampler/vllm_logprobs_kept": sum(check["kept"] for check in checks) / len(checks)}
+    def _sampler_mismatch(self, completions: list) -> list[dict]:
+        """`completions` rescored by the frozen policy pass against their sampler's log-probs
+        (`klalign.ops.importance.sample_statistics` rows): what `SamplerLogprobCheck` compares."""
+        batch = self.batch([c.prompt_ids for c in completions], [c.completion_ids for c in completions])
+        return sample_statistics(self.frozen_policy_token_logprobs(batch), batch["completion_mask"],
+                                 [c.sampler_logprobs for c in completions])
 
     def _weights_key(self, weights=None):
         """The name of weights, as `generate` and `policy_token_logprobs` take it: `weights`, or by default the
@@ -378,7 +348,7 @@ class OnlineTrainer(Trainer):
         update changes them; Nash iterates sample with swapped-in weights under other names), computing in
         fp32 (no mixed precision): the sampler's log-probs are then the policy's own, equal to a recompute to
         float rounding (1e-6 a token on the tiny model: tests/test_online_loop.py). vLLM's samples are marked so
-        when their checked mismatch is within `vllm_logprob_tolerance` (`_keep_vllm_logprobs`). Otherwise (another
+        when their checked mismatch is within `vllm_logprob_tolerance` (`klalign.generation.sampler_check`). Otherwise (another
         temperature or top_p, vLLM beyond the tolerance, other weights, bf16) `frozen_policy_token_logprobs`."""
         if self.sampler_scored(completions, weights):
             kept = at_scored_positions([c.sampler_logprobs for c in completions], batch["completion_mask"])
