@@ -200,6 +200,20 @@ def test_cli_evaluates_a_run_folder(tmp_path):
     assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_final_model_saved_as_the_last_checkpoint_is_evaluated_once(tmp_path):
+    """The Trainer saves a checkpoint at the last step: that checkpoint and the run's final model are one model,
+    found once (the quickstart's table listed it twice). A final model with other weights is kept."""
+    from klalign.evaluation.checkpoints import find_checkpoints
+
+    run = tmp_path / "run"
+    for folder in (run / "checkpoint-1", run / "checkpoint-2", run):
+        save_tiny_model("policy", folder, seed=1 if folder.name == "checkpoint-1" else 2)
+    (run / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    assert [c.name for c in find_checkpoints([str(run)])] == ["checkpoint-1", "checkpoint-2"]
+    save_tiny_model("policy", run, seed=3)  # trained on after the last checkpoint
+    assert [c.name for c in find_checkpoints([str(run)])] == ["checkpoint-1", "checkpoint-2", "final"]
+
+
 # ----------------------------------------------------------------------------- the optimum's captured gain
 
 POLICIES = {"optimum": BETA, "overshoot": BETA / 3, "between": 2 * BETA}  # checkpoint -> beta of its tilt

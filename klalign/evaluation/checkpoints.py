@@ -13,7 +13,7 @@ from transformers import AutoConfig
 
 from klalign.errors import EvaluationError
 from klalign.models.loading import load_tokenizer
-from klalign.runs.integrity import weight_files
+from klalign.runs.integrity import model_digest, weight_files
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(?:round-)?(\d+)$")  # offline steps; online trainers' rounds
 
@@ -54,7 +54,8 @@ def final_step(run: Path) -> int | None:
 
 
 def find_checkpoints(paths: list[str], include_final_model: bool = True) -> list[Checkpoint]:
-    """Expand run folders into their checkpoint-* (by step) and, optionally, their final model.
+    """Expand run folders into their checkpoint-* (by step) and, optionally, their final model (unless the last
+    checkpoint holds the same weights at the same step: the Trainer saves one at the last step).
 
     Names are the folder names ("checkpoint-32", "final"), or the full paths where those collide.
     """
@@ -71,7 +72,10 @@ def find_checkpoints(paths: list[str], include_final_model: bool = True) -> list
             continue
         found += [as_checkpoint(p, p.name, step) for step, p in steps]
         if include_final_model and ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
-            found.append(as_checkpoint(folder, "final", final_step(folder)))
+            final = as_checkpoint(folder, "final", final_step(folder))
+            last = steps[-1][1]
+            if steps[-1][0] != final.step or model_digest(last) != model_digest(folder):
+                found.append(final)  # else: the last checkpoint is the final model (saved at the last step)
     found = list({c.path.resolve(): c for c in found}.values())  # a folder given twice is evaluated once
     names = [c.name for c in found]
     if len(set(names)) < len(names):
