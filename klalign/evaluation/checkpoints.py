@@ -53,11 +53,12 @@ def final_step(run: Path) -> int | None:
 
 
 
-def find_checkpoints(paths: list[str], include_final_model: bool = True) -> list[Checkpoint]:
+def find_checkpoints(paths: list[str], include_final_model: bool = True, digest=model_digest) -> list[Checkpoint]:
     """Expand run folders into their checkpoint-* (by step) and, optionally, their final model (unless the last
     checkpoint holds the same weights at the same step: the Trainer saves one at the last step).
 
-    Names are the folder names ("checkpoint-32", "final"), or the full paths where those collide.
+    Names are the folder names ("checkpoint-32", "final"), or the full paths where those collide. `digest`: a
+    folder's `model_digest` (the caller's memo, so that a folder's weights are hashed once).
     """
     if not paths:
         raise EvaluationError("no checkpoints to evaluate: set `checkpoints` (model, adapter or run folders)")
@@ -73,8 +74,8 @@ def find_checkpoints(paths: list[str], include_final_model: bool = True) -> list
         found += [as_checkpoint(p, p.name, step) for step, p in steps]
         if include_final_model and ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
             final = as_checkpoint(folder, "final", final_step(folder))
-            last = steps[-1][1]
-            if steps[-1][0] != final.step or model_digest(last) != model_digest(folder):
+            last_step, last = steps[-1]
+            if last_step != final.step or digest(last) != digest(folder):
                 found.append(final)  # else: the last checkpoint is the final model (saved at the last step)
     found = list({c.path.resolve(): c for c in found}.values())  # a folder given twice is evaluated once
     names = [c.name for c in found]

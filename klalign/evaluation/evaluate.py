@@ -28,6 +28,7 @@ of every setting that changes the samples, so a re-run only samples what is new.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -242,7 +243,8 @@ def _prepare(args: EvaluationArguments, generation: GenerationArguments, oracle:
             f"temperature={generation.temperature}, top_p={generation.top_p}: the KL estimators need samples from "
             "the model itself, so evaluate with temperature 1 and top_p 1"
         )
-    checkpoints = find_checkpoints(args.checkpoints, args.include_final_model)
+    weights_digest = functools.cache(model_digest)  # each folder's weights hashed once: here and for the cache keys
+    checkpoints = find_checkpoints(args.checkpoints, args.include_final_model, weights_digest)
     prompts = load_prompt_dataset(args.prompt_dataset_path)["prompt"][: args.max_prompts]
     reference_path = resolve_model_path(args.reference_model_path, args.cache_dir)
     tokenizer = load_tokenizer(reference_path)
@@ -263,7 +265,7 @@ def _prepare(args: EvaluationArguments, generation: GenerationArguments, oracle:
     }
     reference_digest = model_digest(Path(reference_path))
     keys = {
-        c.name: digest(dict(model=model_digest(c.path), adapter=c.is_adapter, reference=reference_digest, **settings))
+        c.name: digest(dict(model=weights_digest(c.path), adapter=c.is_adapter, reference=reference_digest, **settings))
         for c in checkpoints
     }
     reference_key = digest(dict(model=reference_digest, role="reference", **settings))
