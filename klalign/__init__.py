@@ -41,6 +41,7 @@ _EXPORTS = {
     "exploitability_estimate": "klalign.evaluation.exploitability",
     "captured_gain": "klalign.evaluation.optimum",
     "optimum_estimate": "klalign.evaluation.optimum",
+    "tilt_alignment": "klalign.evaluation.optimum",
     "EvaluationArguments": "klalign.evaluation.evaluate",
     "EvaluationReport": "klalign.evaluation.evaluate",
     "sample_geometric_mixture": "klalign.generation.geometric_mixture",

@@ -47,7 +47,12 @@ from klalign.data.datasets import load_prompt_dataset
 from klalign.data.prompts import prompt_key
 from klalign.errors import INPUT_ERRORS, EvaluationError
 from klalign.evaluation.checkpoints import Checkpoint, check_tokenizer, find_checkpoints
-from klalign.evaluation.optimum import LOW_ESS, captured_gain, optimum_estimate
+from klalign.evaluation.optimum import (
+    LOW_ESS,
+    captured_gain,
+    optimum_estimate,
+    tilt_alignment,
+)
 from klalign.evaluation.report import markdown_table, write_outputs
 from klalign.evaluation.statistics import summarize, tilted_frontier_estimate
 from klalign.generation.types import GenerationArguments
@@ -342,6 +347,7 @@ def evaluate_checkpoints(
         if args.beta is not None:
             rows[-1].update(captured_gain(ref_samples["rewards"], samples["rewards"], samples["logratios"], args.beta,
                                           args.seed))
+            rows[-1].update(tilt_alignment(samples["rewards"], samples["logratios"], args.beta, args.seed))
 
     rewards = np.asarray(ref_samples["rewards"])  # (P, n)
     eps = level_mass(rewards, np.asarray(ref_samples["ref_logprobs"]),

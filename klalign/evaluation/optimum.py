@@ -11,7 +11,9 @@ For J(pi) = E_x [E_pi r - beta KL(pi || pi_ref)], on a real model, with no close
 - the captured gain G(pi) = (J(pi) - J(pi_ref)) / (J* - J(pi_ref)): 1 at pi*, 0 at pi_ref, below 1 both
   for a policy that barely moves and for one that overshoots the KL;
 - KL(pi || pi*) = (J* - J(pi)) / beta, exact for every policy (section 0's identity); at pi_ref it is
-  the starting gap KL(pi_ref || pi*).
+  the starting gap KL(pi_ref || pi*);
+- why G falls short (`tilt_alignment`): how far (the tilt scale, 1 at pi*) and how purely (R^2, 1 for every
+  tilt of pi_ref by r) the policy's log-ratio moves along the reward.
 
 Standard errors are over the sampling of responses given the prompt set, as every other number of
 `klalign evaluate`: a bootstrap that resamples each prompt's reference samples and policy samples (with
@@ -96,3 +98,37 @@ def captured_gain(reference_rewards: np.ndarray, rewards: np.ndarray, logratios:
     j_b, gain_b, kl_b = estimates(ref_b, rewards_b, logratios_b)
     return {"objective": float(j), "objective_se": float(j_b.std(ddof=1)), "gain": float(gain),
             "gain_se": float(gain_b.std(ddof=1)), "kl_to_optimum": float(kl), "kl_to_optimum_se": float(kl_b.std(ddof=1))}
+
+
+def _tilt_fit(rewards: np.ndarray, logratios: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """beta x the within-prompt least-squares slope of the log-ratio on the reward, and its R^2, pooled over
+    prompts. (..., P, m) each -> (...,) each; NaN where the reward or the log-ratio never varies."""
+    rc = rewards - rewards.mean(axis=-1, keepdims=True)  # (..., P, m)
+    lc = logratios - logratios.mean(axis=-1, keepdims=True)
+    srl, srr, sll = (rc * lc).sum(axis=(-2, -1)), (rc * rc).sum(axis=(-2, -1)), (lc * lc).sum(axis=(-2, -1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return beta * srl / srr, srl**2 / (srr * sll)
+
+
+def tilt_alignment(rewards: np.ndarray, logratios: np.ndarray, beta: float, seed: int = 0) -> dict:
+    """Why a checkpoint's G is what it is: how far, and how purely, its log-ratio moves along the reward.
+
+    Every tilt pi_a = pi_ref exp(a r / beta) / Z_a has log pi_a(y) / pi_ref(y) = a r(y) / beta - log Z_a, on
+    every sample: regressing a policy's sequence log-ratios on its samples' rewards within each prompt gives
+    - the tilt scale a = beta x slope: 1 at the optimum pi*_beta, below 1 for a policy that has not moved far
+      enough along the reward, above 1 for one that overshoots;
+    - R^2, the share of the log-ratio's within-prompt variance that the reward explains: 1 for every tilt,
+      below 1 for a policy that also moves in directions the reward does not rank (KL spent for nothing).
+    The policy's (P, m) rewards and log-ratios; bootstrap standard errors over each prompt's samples."""
+    rewards, logratios = np.asarray(rewards, dtype=np.float64), np.asarray(logratios, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    P, m = rewards.shape
+    idx = rng.integers(0, m, size=(BOOTSTRAP, P, m))
+    rewards_b = np.take_along_axis(np.broadcast_to(rewards, (BOOTSTRAP, P, m)), idx, axis=2)
+    logratios_b = np.take_along_axis(np.broadcast_to(logratios, (BOOTSTRAP, P, m)), idx, axis=2)
+    scale, r2 = _tilt_fit(rewards, logratios, beta)
+    if not (np.isfinite(scale) and np.isfinite(r2)):  # pi_ref itself (log-ratio 0 on every sample): undefined,
+        return {"tilt_scale": None, "tilt_scale_se": None, "tilt_r2": None, "tilt_r2_se": None}  # JSON has no NaN
+    scale_b, r2_b = _tilt_fit(rewards_b, logratios_b, beta)  # (B,) each; NaN where a resample never varies
+    return {"tilt_scale": float(scale), "tilt_scale_se": float(np.nanstd(scale_b, ddof=1)),
+            "tilt_r2": float(r2), "tilt_r2_se": float(np.nanstd(r2_b, ddof=1))}

@@ -17,7 +17,7 @@ CSV_COLUMNS = [
     "kind", "name", "step", "n", "lam", "reward", "reward_se", "kl_k1", "kl_k1_se", "kl_k3", "kl_k3_se",
     "win_rate", "win_rate_se", "kl_bound", "kl_estimate", "reward_empirical", "kl_empirical", "kl", "ess",
     "beta", "j_star", "j_star_se", "objective", "objective_se", "gain", "gain_se", "kl_to_optimum",
-    "kl_to_optimum_se", "ess_min", "response_tokens", "path",
+    "kl_to_optimum_se", "tilt_scale", "tilt_scale_se", "tilt_r2", "tilt_r2_se", "ess_min", "response_tokens", "path",
 ]
 
 
@@ -91,14 +91,18 @@ def optimum_table(report) -> list[str]:
         f"{_pm(ref['j_star'], ref['j_star_se'])} (log-mean-exp of the reference's samples; their effective "
         f"sample size {ref['ess']:.1f} per prompt, smallest {ref['ess_min']:.1f}); captured gain "
         "G = (J - J(pi_ref)) / (J* - J(pi_ref)), 1 at the optimum; KL(pi || pi*) = (J* - J) / beta. "
-        "± one standard error by a bootstrap over each prompt's samples.",
+        "Tilt scale a and R^2: the within-prompt regression of the log-ratio log pi / pi_ref on the reward "
+        "(every tilt pi_ref exp(a r / beta) has scale a and R^2 1; the optimum a = 1; R^2 below 1: KL spent off "
+        "the reward). ± one standard error by a bootstrap over each prompt's samples.",
         "",
-        "| model | J | G | KL(pi \|\| pi*) |",
-        "|---|---:|---:|---:|",
+        "| model | J | G | KL(pi \|\| pi*) | tilt scale a | R^2 |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in [ref, *report.checkpoints]:
+        fit = [_pm(row[k], row[f"{k}_se"]) if row.get(k) is not None else "-" for k in ("tilt_scale", "tilt_r2")]
         lines.append(f"| {row['name']} | {_pm(row['objective'], row['objective_se'])} | "
-                     f"{_pm(row['gain'], row['gain_se'])} | {_pm(row['kl_to_optimum'], row['kl_to_optimum_se'])} |")
+                     f"{_pm(row['gain'], row['gain_se'])} | {_pm(row['kl_to_optimum'], row['kl_to_optimum_se'])} | "
+                     f"{fit[0]} | {fit[1]} |")
     return lines
 
 
