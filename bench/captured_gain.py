@@ -144,12 +144,14 @@ def tables(report: dict, rows: list[dict], n_prompts: int, samples: int = EVAL_S
     lines = [f"Reference: J(pi_ref) = {ref['objective']:.4f} ± {ref['objective_se']:.4f}, J* = {ref['j_star']:.4f} ± "
              f"{ref['j_star_se']:.4f}, KL(pi_ref || pi*) = {ref['kl_to_optimum']:.3f} ± {ref['kl_to_optimum_se']:.3f}, "
              f"ESS {ref['ess']:.1f} a prompt (smallest {ref['ess_min']:.1f}) of {samples}.", "",
-             "| method | seed | checkpoint | oracle queries | reward | KL k1 | J ± SE | G ± SE | KL(pi \\|\\| pi*) ± SE |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | seed | checkpoint | oracle queries | reward | KL k1 | J ± SE | G ± SE | KL(pi \\|\\| pi*) ± SE "
+             "| tilt scale a | R^2 |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["method"], r["seed"], r["queries"], r["checkpoint"])):
+        fit = [f"{r[k]:.2f} ± {r[k + '_se']:.2f}" if r.get(k) is not None else "-" for k in ("tilt_scale", "tilt_r2")]
         lines.append(f"| {r['method']} | {r['seed']} | {r['checkpoint']} | {r['queries']} | {r['reward']:.3f} | "
                      f"{r['kl_k1']:.3f} | {r['objective']:.4f} ± {r['objective_se']:.4f} | {r['gain']:.2f} ± "
-                     f"{r['gain_se']:.2f} | {r['kl_to_optimum']:.3f} ± {r['kl_to_optimum_se']:.3f} |")
+                     f"{r['gain_se']:.2f} | {r['kl_to_optimum']:.3f} ± {r['kl_to_optimum_se']:.3f} | {fit[0]} | {fit[1]} |")
     lines += ["", "Best-of-N on pi_ref (no training; N reward queries a prompt at inference; KL: Beirami et al.'s "
               "estimate): J = reward - beta KL.", "", "| N | queries | reward | KL estimate | J | G |",
               "|---:|---:|---:|---:|---:|---:|"]
