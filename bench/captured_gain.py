@@ -63,6 +63,8 @@ def methods(budget: int, train: Path, n_train: int) -> dict[str, tuple[str, str,
         "offline RSO": ("recipes/rso.py", "configs/smollm2/rso.yaml", {**offline, "sampling_beta": BETA}),
         "iterative DPO, best vs worst": ("recipes/iterative_dpo.py", "configs/smollm2/iterative_dpo.yaml",
                                          {**online, "enhancer": "best_vs_worst"}),
+        "iterative DPO, all pairs": ("recipes/iterative_dpo.py", "configs/smollm2/iterative_dpo.yaml",
+                                     {**online, "enhancer": "all_pairs"}),  # 6 pairs a prompt from its 4 samples
         "iterative DPO, temperature": ("recipes/iterative_dpo.py", "configs/smollm2/iterative_dpo.yaml",
                                        {**online, "enhancer": "temperature", "enhancer_temperature": 1.5,
                                         "prompts_per_round": budget // 8}),

@@ -2,14 +2,15 @@
 
 Xiong et al. (ICML 2024), section 4 ("Online iterative RLHF", the enhancer explores where the
 main agent exploits) and ALGORITHMS.md section 2 list the practical choices implemented here.
-Each enhancer proposes one pair per prompt; `IterativeDPOTrainer` asks the oracle to label it
-unless the enhancer already ranked it with a reward. Every choice is seeded by the online loop,
+Each enhancer proposes one pair per prompt (all_pairs: every pair of a prompt's samples);
+`IterativeDPOTrainer` asks the oracle to label it unless the enhancer already ranked it with a reward. Every choice is seeded by the online loop,
 and everything an enhancer keeps between rounds is on disk, so a resumed run proposes the same pairs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
 import torch
@@ -75,6 +76,32 @@ class BestVsWorst(Enhancer):
                 a_preferred=None if r[best] == r[worst] else True, reward_a=r[best].item(),
                 reward_b=r[worst].item(), main_reward=r.mean().item(), queries=len(cands),
             ))
+        return out
+
+
+class AllPairs(Enhancer):
+    """Every pair of n main-agent samples, ranked by the reward (n queries a prompt, n (n - 1) / 2 pairs).
+
+    With expected labels each pair asks the policy for a log-ratio margin of (r_a - r_b) / beta, so pairs of
+    close rewards (two positive replies in different styles) teach that what separates them is worth little.
+    Best-vs-worst pairs never show that, and on SmolLM2 + VADER DPO on them learns a style that separates the
+    pairs as well as the reward does (docs/captured_gain.md, "Noise or bias?")."""
+
+    needs_reward = True
+
+    def propose(self, round_index, prompts):
+        samples, rewards = self._scored_samples(prompts)
+        out = []
+        for prompt, cands, r in zip(prompts, samples, rewards):
+            for k, (i, j) in enumerate(combinations(range(len(cands)), 2)):
+                hi, lo = (i, j) if r[i] >= r[j] else (j, i)
+                # Both replies are the main agent's; the KL statistics take the first by index (by reward would
+                # weight the high-reward samples, whose log-ratios are larger).
+                out.append(PairProposal(
+                    prompt, cands[hi], cands[lo], f"main:{hi}", f"main:{lo}", main=cands[i], ranked=True,
+                    a_preferred=None if r[hi] == r[lo] else True, reward_a=r[hi].item(), reward_b=r[lo].item(),
+                    main_reward=r.mean().item(), queries=len(cands) if k == 0 else 0,  # n queries, charged once
+                ))
         return out
 
 
@@ -190,6 +217,7 @@ class Uncertainty(Enhancer):
 
 ENHANCERS: dict[str, type[Enhancer]] = {
     "best_vs_worst": BestVsWorst,
+    "all_pairs": AllPairs,
     "temperature": Temperature,
     "previous_checkpoint": PreviousCheckpoint,
     "rejection_sampling": RejectionSampling,

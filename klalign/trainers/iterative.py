@@ -7,6 +7,7 @@ its current weights, against the reference (the initial policy, as in the paper,
 iterate). Enhancers, selected by `enhancer` (see `klalign.trainers.enhancers`):
 
 - best_vs_worst: n samples from the main agent, scored by a reward; the best against the worst.
+- all_pairs: n samples from the main agent, scored by a reward; every pair of them.
 - temperature: the main agent at its temperature against itself at `enhancer_temperature`.
 - previous_checkpoint: the main agent against the policy of the previous round.
 - rejection_sampling: n samples from the main agent, kept by rejection sampling toward
