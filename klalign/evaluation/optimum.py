@@ -58,6 +58,14 @@ def _resampled(values: np.ndarray, rng: np.random.Generator, draws: int) -> np.n
     return np.take_along_axis(np.broadcast_to(values, (draws, P, n)), idx, axis=2)
 
 
+def _resampled_together(rewards: np.ndarray, logratios: np.ndarray, rng: np.random.Generator):
+    """BOOTSTRAP copies of a policy's (P, m) rewards and log-ratios, each prompt's samples resampled with
+    replacement, the same draws for both (a sample keeps its reward and its log-ratio). (B, P, m) each"""
+    P, m = rewards.shape
+    idx = rng.integers(0, m, size=(BOOTSTRAP, P, m))
+    return tuple(np.take_along_axis(np.broadcast_to(x, (BOOTSTRAP, P, m)), idx, axis=2) for x in (rewards, logratios))
+
+
 def optimum_estimate(reference_rewards: np.ndarray, beta: float, seed: int = 0) -> dict:
     """The reference row's numbers: J*, J(pi_ref), the starting gap KL(pi_ref || pi*) with standard errors,
     and the effective sample size of the reference's samples at this beta (mean and smallest over prompts)."""
@@ -84,10 +92,7 @@ def captured_gain(reference_rewards: np.ndarray, rewards: np.ndarray, logratios:
     rewards, logratios = np.asarray(rewards, dtype=np.float64), np.asarray(logratios, dtype=np.float64)
     rng = np.random.default_rng(seed)
     ref_b = _resampled(ref, rng, BOOTSTRAP)  # (B, P, n)
-    P, m = rewards.shape
-    idx = rng.integers(0, m, size=(BOOTSTRAP, P, m))
-    rewards_b = np.take_along_axis(np.broadcast_to(rewards, (BOOTSTRAP, P, m)), idx, axis=2)
-    logratios_b = np.take_along_axis(np.broadcast_to(logratios, (BOOTSTRAP, P, m)), idx, axis=2)
+    rewards_b, logratios_b = _resampled_together(rewards, logratios, rng)  # (B, P, m) each
 
     def estimates(ref_r, r, l):
         j_star, j_ref = optimum_values(ref_r, beta).mean(-1), ref_r.mean(axis=(-2, -1))
@@ -121,11 +126,7 @@ def tilt_alignment(rewards: np.ndarray, logratios: np.ndarray, beta: float, seed
       below 1 for a policy that also moves in directions the reward does not rank (KL spent for nothing).
     The policy's (P, m) rewards and log-ratios; bootstrap standard errors over each prompt's samples."""
     rewards, logratios = np.asarray(rewards, dtype=np.float64), np.asarray(logratios, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    P, m = rewards.shape
-    idx = rng.integers(0, m, size=(BOOTSTRAP, P, m))
-    rewards_b = np.take_along_axis(np.broadcast_to(rewards, (BOOTSTRAP, P, m)), idx, axis=2)
-    logratios_b = np.take_along_axis(np.broadcast_to(logratios, (BOOTSTRAP, P, m)), idx, axis=2)
+    rewards_b, logratios_b = _resampled_together(rewards, logratios, np.random.default_rng(seed))  # (B, P, m)
     scale, r2 = _tilt_fit(rewards, logratios, beta)
     if not (np.isfinite(scale) and np.isfinite(r2)):  # pi_ref itself (log-ratio 0 on every sample): undefined,
         return {"tilt_scale": None, "tilt_scale_se": None, "tilt_r2": None, "tilt_r2_se": None}  # JSON has no NaN

@@ -3,8 +3,9 @@
 Xiong et al. (ICML 2024), section 4 ("Online iterative RLHF", the enhancer explores where the
 main agent exploits) and ALGORITHMS.md section 2 list the practical choices implemented here.
 Each enhancer proposes one pair per prompt (all_pairs: every pair of a prompt's samples);
-`IterativeDPOTrainer` asks the oracle to label it unless the enhancer already ranked it with a reward. Every choice is seeded by the online loop,
-and everything an enhancer keeps between rounds is on disk, so a resumed run proposes the same pairs.
+`IterativeDPOTrainer` asks the oracle to label it unless the enhancer already ranked it with a reward.
+Every choice is seeded by the online loop, and everything an enhancer keeps between rounds is on disk,
+so a resumed run proposes the same pairs.
 """
 
 from __future__ import annotations
