@@ -90,7 +90,8 @@ def test_ranked_pairs_reach_the_tilt_only_with_expected_labels(pair_labels, bed,
 def test_every_pair_of_the_samples_reaches_the_tilt(bed, tmp_path):
     """The all_pairs enhancer, expected labels, the settings above: every pair of a prompt's 4 samples (6 pairs,
     4 queries charged once) and the policy lands on the tilt, closer than best-vs-worst does: KL to it 1.1e-11
-    to 1.6e-10 over seeds 0-4 (best vs worst: 5.8e-5 to 7.2e-4), KL to pi_ref 0.1572, the tilt's. Bars as above."""
+    to 1.6e-10 over seeds 0-4 (best vs worst: 5.8e-5 to 7.2e-4), KL to pi_ref 0.1572, the tilt's. The bar 1e-6
+    lies between the two, nearly four orders of magnitude above every seed's value."""
     bandit, folder = bed
     metrics = TestbedMetricsCallback(bandit, beta=1.0)
     trainer = make_trainer(folder, tmp_path, bandit, TestbedReward(bandit), [metrics], num_rounds=6,
@@ -101,7 +102,7 @@ def test_every_pair_of_the_samples_reaches_the_tilt(bed, tmp_path):
     assert all(r["chosen_reward"] > r["rejected_reward"] for r in rows if not r["tie"])
     last = metrics.history[-1]
     optimum_kl_to_ref = float(exact_metrics(bandit.optimal_policy(1.0).numpy(), bandit, 1.0)["testbed/kl_to_ref"])
-    assert last["testbed/kl_to_optimum"] < 0.01, [h["testbed/kl_to_optimum"] for h in metrics.history]
+    assert last["testbed/kl_to_optimum"] < 1e-6, [h["testbed/kl_to_optimum"] for h in metrics.history]
     assert last["testbed/kl_to_ref"] < 2 * optimum_kl_to_ref
 
 
