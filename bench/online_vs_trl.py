@@ -135,6 +135,19 @@ def smollm2_klalign(args, tokenizer, prompts, samples: int, backend: str, attent
     return timer.rounds()
 
 
+def checkpointed_head(run, *args):
+    """`run` with the LoRA policy's frozen head taking the checkpointed path (each chunk's logits recomputed in
+    backward), as before the frozen-head lever of `klalign.ops.logprobs`: that lever's own share of the round."""
+    from klalign.ops import logprobs
+
+    fused = logprobs._frozen_plain_head
+    logprobs._frozen_plain_head = lambda head: False
+    try:
+        return run(*args)
+    finally:
+        logprobs._frozen_plain_head = fused
+
+
 def smollm2_main(args):
     import gc
 
@@ -157,6 +170,10 @@ def smollm2_main(args):
         "klalign, vLLM backend, 4 samples": lambda: smollm2_klalign(args, tokenizer, prompts, 4, "vllm"),
         "klalign, HF backend, 2 samples, transformers' sdpa (K/V heads repeated)":
             lambda: smollm2_klalign(args, tokenizer, prompts, 2, "hf", attention="sdpa"),
+        "klalign, HF backend, 2 samples, the frozen head's logits recomputed in backward (before the lever)":
+            lambda: checkpointed_head(smollm2_klalign, args, tokenizer, prompts, 2, "hf"),
+        "klalign, vLLM backend, 2 samples, the frozen head's logits recomputed in backward (before the lever)":
+            lambda: checkpointed_head(smollm2_klalign, args, tokenizer, prompts, 2, "vllm"),
     }
     if args.variants:
         keep = [int(i) for i in args.variants.split(",")]

@@ -106,7 +106,7 @@ def main():
         s = statistics.mean(rounds[i].get(p, 0.0) for i in steady)
         print(f"| {p} | {s:.2f} | {s / total:.0%} |")
     other = total - sum(statistics.mean(rounds[i].get(p, 0.0) for i in steady) for p in phases
-                        if ": " not in p)  # those are parts of the phase named before the colon
+                        if p.rsplit(": ", 1)[0] not in phases)  # "outer: inner" is a part of the timed phase "outer"
     print(f"| other (optimizer step, batching, logging) | {other:.2f} | {other / total:.0%} |")
     print(f"| **round** | **{total:.2f}** | 100% |")
 

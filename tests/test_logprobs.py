@@ -78,6 +78,34 @@ def test_lean_logprobs_and_gradients_equal_the_full_logits_path(tiny_tokenizer):
             torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
 
 
+def test_a_frozen_head_runs_once_per_position_through_forward_and_backward(tiny_tokenizer):
+    """Under LoRA the head is frozen: the lean path forms each position's gradient in the forward, so a
+    forward and backward call the head once per chunk (the checkpointed path: twice, forward and recomputation),
+    with the plain path's gradients. A trained head keeps the checkpointed path."""
+    from peft import LoraConfig, get_peft_model
+
+    inputs = batch(tiny_tokenizer)
+    for lora, calls_expected in ((True, 2), (False, 3)):
+        model = build_causal_lm(tiny_tokenizer, seed=3)
+        if lora:
+            model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        calls = []
+        model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+        values = token_logprobs(model, *inputs)
+        (values * torch.linspace(0.5, 2.0, values.shape[1])).sum().backward()
+        # the model's own call (its last position, logits_to_keep=1), then the chunks': the tiny batch is one chunk
+        assert len(calls) == calls_expected
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        plain = token_logprobs(model, *inputs, lean=False)
+        (plain * torch.linspace(0.5, 2.0, plain.shape[1])).sum().backward()
+        torch.testing.assert_close(values.detach(), plain.detach(), atol=1e-5, rtol=0)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert grads[name].abs().sum() > 0
+                torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_lean_logprobs_follow_a_model_that_rewrites_its_logits():
     """The test bed's closed model rewrites the head's logits in its forward; the lean path (which applies the
     head itself) must not bypass that. After a step that moves mass off the actions in the plain head, the

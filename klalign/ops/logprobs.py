@@ -6,7 +6,8 @@ Lean by default: the (B, T, V) logits are never kept. The model runs with `logit
 returns its last hidden states; the LM head is applied to the completion positions only, a chunk of
 positions at a time under activation checkpointing (the chunked selective log-softmax that TRL's
 fused LM head and Liger's fused linear losses also use): backward recomputes a chunk's logits
-instead of keeping them. For a Qwen-size vocabulary (152k) at B 16, T 512 that is the difference
+instead of keeping them; a frozen head (LoRA's) needs no recomputation, since each position's gradient
+with respect to its hidden state is formed in the forward from the logits it has (`_FrozenHeadLogprobs`). For a Qwen-size vocabulary (152k) at B 16, T 512 that is the difference
 between ~5 GB of fp32 logits kept for backward and one (256, V) chunk at a time. The model and the
 head are called as modules, through their wrappers, so DDP's gradient hooks and DeepSpeed's ZeRO-3
 gathering work as for any forward. `lean=False` gives the plain path (logits for the positions from
@@ -63,15 +64,64 @@ def _lean_token_logprobs(model, input_ids, attention_mask, completion_mask, firs
 
 
 def _head_logprobs(head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """log p(y) from hidden states through the LM head, TOKEN_CHUNK positions at a time, each chunk under
-    activation checkpointing when gradients are on. (N, H), (N,) -> (N,) float32"""
+    """log p(y) from hidden states through the LM head, TOKEN_CHUNK positions at a time. (N, H), (N,) -> (N,) float32
+
+    With gradients, a frozen head (LoRA's) takes `_FrozenHeadLogprobs`: each position's gradient is formed in the
+    forward from the chunk's logits, so the head's matmul runs once, not a second time to recompute them in backward.
+    Any other head (trained, sharded, adapted) runs each chunk under activation checkpointing."""
     from torch.utils.checkpoint import checkpoint
 
-    grad = torch.is_grad_enabled()
-    chunks = [checkpoint(_chunk_logprobs, head, h[i : i + TOKEN_CHUNK], y[i : i + TOKEN_CHUNK], use_reentrant=False)
-              if grad else _chunk_logprobs(head, h[i : i + TOKEN_CHUNK], y[i : i + TOKEN_CHUNK])
-              for i in range(0, len(y), TOKEN_CHUNK)]
+    if not torch.is_grad_enabled() or not h.requires_grad:
+        return _chunked(lambda i: _chunk_logprobs(head, h[i : i + TOKEN_CHUNK], y[i : i + TOKEN_CHUNK]), h, y)
+    if _frozen_plain_head(head):
+        return _FrozenHeadLogprobs.apply(h, y, head)
+    return _chunked(lambda i: checkpoint(_chunk_logprobs, head, h[i : i + TOKEN_CHUNK], y[i : i + TOKEN_CHUNK],
+                                         use_reentrant=False), h, y)
+
+
+def _chunked(fn, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    chunks = [fn(i) for i in range(0, len(y), TOKEN_CHUNK)]
     return torch.cat(chunks) if chunks else h.new_zeros(0, dtype=torch.float32)
+
+
+def _frozen_plain_head(head) -> bool:
+    """A plain `nn.Linear` none of whose parameters is trained, with its weight whole on this process (not a
+    ZeRO-3 partition, which its hooks gather only for the module's own call, nor an FSDP2 DTensor shard)."""
+    weight = getattr(head, "weight", None)
+    return (type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+            and type(weight.data) is torch.Tensor and not hasattr(weight, "ds_id"))
+
+
+class _FrozenHeadLogprobs(torch.autograd.Function):
+    """log p(y) = (W h)_y - logsumexp(W h + b) through a frozen head W, b, with d log p(y) / dh = W_y - p^T W
+    (p = softmax) computed in the forward from the logits it already has, one chunk at a time, and kept: (N, H),
+    the size of the hidden states the checkpointed path keeps. Backward only scales it by the incoming
+    gradient, so the head costs two (n, V) x (V, H)-sized matmuls per chunk instead of three (the checkpointed
+    path's forward, recomputation and input gradient), at the same peak memory (one chunk's logits)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, y: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+        weight = head.weight  # (V, H)
+        picked, slopes = [], []
+        for i in range(0, len(y), TOKEN_CHUNK):
+            targets = y[i : i + TOKEN_CHUNK]
+            logits = head(h[i : i + TOKEN_CHUNK]).float()  # (n, V)
+            norm = torch.logsumexp(logits, dim=-1)  # (n,)
+            picked.append(logits.gather(-1, targets[:, None]).squeeze(-1) - norm)
+            probs = logits.sub_(norm[:, None]).exp_()  # (n, V), in place: one chunk of logits at a time
+            slopes.append(weight[targets].float() - (probs.to(weight.dtype) @ weight).float())  # (n, H)
+            del logits, probs
+        if not picked:
+            ctx.save_for_backward(h.new_zeros(0, h.size(-1), dtype=torch.float32))
+            return h.new_zeros(0, dtype=torch.float32)
+        ctx.save_for_backward(torch.cat(slopes))
+        ctx.h_dtype = h.dtype
+        return torch.cat(picked)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (slopes,) = ctx.saved_tensors  # (N, H)
+        return (grad[:, None] * slopes).to(getattr(ctx, "h_dtype", slopes.dtype)), None, None
 
 
 def _packable(model, length: int) -> bool:
