@@ -73,6 +73,7 @@ def played_regret(bandit, metrics) -> np.ndarray:
     (dict(reward_learner="gp"), "reward_learner"),
     (dict(feature_map="clip"), "feature_map"),
     (dict(gamma=-1.0), "gamma"),
+    (dict(update_reward="sampled"), "update_reward"),
 ])
 def test_config_rejects_bad_settings(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -111,6 +112,32 @@ def test_lands_on_the_tilted_optimum(tmp_path):
         assert all(math.isfinite(h[key]) for h in logged), key
     assert logged[-1]["bonus"] < logged[0]["bonus"]  # the bonus shrinks as the data grows
     assert all(h["reward_optimistic"] >= h["reward_fitted"] - 1e-12 for h in logged)
+
+
+def test_observed_rewards_reach_the_optimum_where_the_features_cannot_express_the_reward(tmp_path):
+    """Features with one constant column: r_hat is the same for every action of a prompt, so the fitted reward's
+    leave-one-out advantages are zero but for the KL term, and the greedy learner stays at pi_ref. With
+    `update_reward: observed` the step takes the oracle's (noiseless) reward of each sample and lands on the tilt.
+    KL(pi || pi*) after 40 rounds over seeds 0-3, as a share of pi_ref's: fitted 0.96-1.01, observed 0.014-0.027;
+    the bars (0.5 and 0.1) sit between."""
+    bandit = linear_bandit()
+    constant = torch.ones(3, 6, 1, dtype=torch.float64)
+    start = exact_metrics(bandit.ref.numpy(), bandit, BETA)["testbed/kl_to_optimum"]
+    final = {}
+    for update_reward in ("fitted", "observed"):
+        trainer, metrics = make_trainer(bandit, tmp_path / update_reward, gamma=0.0, rounds=40, features=constant,
+                                        oracle=TestbedReward(bandit, noise_std=0.0), update_reward=update_reward)
+        trainer.train()
+        final[update_reward] = metrics.history[-1]["testbed/kl_to_optimum"]
+    assert final["fitted"] > 0.5 * start, (start, final)
+    assert final["observed"] < 0.1 * start, (start, final)
+
+
+def test_observed_rewards_need_a_reward_oracle(tmp_path):
+    bandit = linear_bandit()
+    with pytest.raises(ValueError, match="update_reward 'observed'"):
+        make_trainer(bandit, tmp_path, oracle=BradleyTerryPreference(TestbedReward(bandit, noise_std=0.0)),
+                     update_reward="observed")
 
 
 def underexplored() -> SingleTokenBandit:

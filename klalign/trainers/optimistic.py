@@ -19,6 +19,11 @@ One round of `OptimisticKLTrainer`:
            from the mean feature of the prompt's samples: `optimistic_rewards`), then policy-gradient steps on
                J_tilde(pi) = E_{y ~ pi} r_tilde(x, y) - beta * KL(pi || pi_ref),
            whose maximiser is exactly step 4's Gibbs policy (ALGORITHMS.md section 0).
+           `update_reward: observed` puts the oracle's reward of each of these samples in place of their
+           r_hat (r_tilde = min(r_max, r + b_t), the bonus still the learner's): they were scored, and r_hat
+           carries the learner's misspecification into every step (on SmolLM2 the MiniLM ridge fit explains about
+           a third of VADER's within-prompt variance on fresh replies: docs/captured_gain.md). The price is r_hat's
+           averaging of a noisy oracle's noise; `fitted` (the default) is the paper's algorithm.
 
 The gradient is REINFORCE with the leave-one-out baseline over a prompt's k samples (RLOO; Kool et
 al. 2019, Ahmadian et al. 2024): `A_i = R_i - mean_{j != i} R_j = k/(k-1) (R_i - mean_j R_j)`, at
@@ -75,6 +80,7 @@ from klalign.trainers.reward_learning import (
 )
 
 KL_PENALTIES = ("k1_in_reward", "k3_in_loss")
+UPDATE_REWARDS = ("fitted", "observed")
 
 
 @dataclass
@@ -100,13 +106,21 @@ class OptimisticKLConfig(OnlineConfig):
     ensemble_size: int = field(default=8, metadata={"help": "Heads of the 'ensemble' reward learner."})
     prior_scale: float = field(default=1.0, metadata={"help": "Ensemble prior std, in units of 1/sqrt(ridge)."})
     kl_penalty: str = field(default="k1_in_reward", metadata={"help": f"Where the KL enters: {list(KL_PENALTIES)}."})
+    update_reward: str = field(
+        default="fitted",
+        metadata={"help": "The reward of the round's own samples in the policy-gradient step, before the bonus: "
+                          "'fitted', the learner's r_hat (paper 000, Algorithm 1); 'observed', the oracle's reward of "
+                          "each sample (reward oracles only), so the step follows the oracle wherever the learner's "
+                          "features cannot express it. The bonus comes from the learner either way."},
+    )
     epochs_per_round: int = field(default=1, metadata={"help": "Passes over the round's samples."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO clip of pi / pi_old on off-policy steps."})
 
     on_policy = True  # RLOO's gradient and the k1/k3 estimates are on samples of pi itself
 
     def __post_init__(self):
-        choices = {"reward_learner": REWARD_LEARNERS, "kl_penalty": KL_PENALTIES, "feature_map": FEATURE_MAPS}
+        choices = {"reward_learner": REWARD_LEARNERS, "kl_penalty": KL_PENALTIES, "feature_map": FEATURE_MAPS,
+                   "update_reward": UPDATE_REWARDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -178,6 +192,9 @@ class OptimisticKLTrainer(OnlineTrainer):
             raise TypeError(f"args must be an OptimisticKLConfig, got {type(args).__name__}")
         if not callable(feature_map) or not isinstance(getattr(feature_map, "dim", None), int):
             raise TypeError("feature_map must be a FeatureMap: phi(prompts, responses) -> (N, dim), with .dim")
+        if args.update_reward == "observed" and not isinstance(oracle, RewardOracle):
+            raise ValueError(f"update_reward 'observed' takes each sample's reward from a RewardOracle; the oracle is a "
+                             f"{type(oracle).__name__}: use update_reward 'fitted' with preference feedback")
         super().__init__(model, ref_model, args, train_dataset, processing_class, oracle, peft_config, callbacks)
         self.feature_map = feature_map.prepare(self.accelerator)
         self.feedback: dict[int, RoundFeedback] = {}  # per-round learner inputs, rebuilt from the store
@@ -320,6 +337,9 @@ class OptimisticKLTrainer(OnlineTrainer):
         args, k = self.args, self.args.samples_per_prompt
         learner = self.fit_reward(round_index, rows)
         r_hat, bonus, r_tilde = optimistic_rewards(learner, self.feedback[round_index].phi)  # (G, k) each
+        if args.update_reward == "observed":  # the oracle's reward of each sample, lifted by the same bonus
+            r_tilde = self.feedback[round_index].rewards + bonus
+            r_tilde = r_tilde if args.r_max is None else r_tilde.clamp(max=args.r_max)
         old = torch.tensor([row["logprobs"] for row in rows], dtype=torch.float64)  # (G, k) s(y) under pi_old
         ref = torch.tensor([row["ref_logprobs"] for row in rows], dtype=torch.float64)  # (G, k)
         shaped = r_tilde - args.beta * (old - ref) if args.kl_penalty == "k1_in_reward" else r_tilde
