@@ -6,8 +6,9 @@ Lean by default: the (B, T, V) logits are never kept. The model runs with `logit
 returns its last hidden states; the LM head is applied to the completion positions only, a chunk of
 positions at a time under activation checkpointing (the chunked selective log-softmax that TRL's
 fused LM head and Liger's fused linear losses also use): backward recomputes a chunk's logits
-instead of keeping them; a frozen head (LoRA's) needs no recomputation, since each position's gradient
-with respect to its hidden state is formed in the forward from the logits it has (`_FrozenHeadLogprobs`). For a Qwen-size vocabulary (152k) at B 16, T 512 that is the difference
+instead of keeping them (a frozen head, LoRA's, needs no recomputation: each position's gradient with
+respect to its hidden state is formed in the forward from the logits it has, `_FrozenHeadLogprobs`).
+For a Qwen-size vocabulary (152k) at B 16, T 512 that is the difference
 between ~5 GB of fp32 logits kept for backward and one (256, V) chunk at a time. The model and the
 head are called as modules, through their wrappers, so DDP's gradient hooks and DeepSpeed's ZeRO-3
 gathering work as for any forward. `lean=False` gives the plain path (logits for the positions from
@@ -102,6 +103,7 @@ class _FrozenHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, y: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
         weight = head.weight  # (V, H)
+        ctx.h_dtype = h.dtype
         picked, slopes = [], []
         for i in range(0, len(y), TOKEN_CHUNK):
             targets = y[i : i + TOKEN_CHUNK]
@@ -115,13 +117,12 @@ class _FrozenHeadLogprobs(torch.autograd.Function):
             ctx.save_for_backward(h.new_zeros(0, h.size(-1), dtype=torch.float32))
             return h.new_zeros(0, dtype=torch.float32)
         ctx.save_for_backward(torch.cat(slopes))
-        ctx.h_dtype = h.dtype
         return torch.cat(picked)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (slopes,) = ctx.saved_tensors  # (N, H)
-        return (grad[:, None] * slopes).to(getattr(ctx, "h_dtype", slopes.dtype)), None, None
+        return (grad[:, None] * slopes).to(ctx.h_dtype), None, None
 
 
 def _packable(model, length: int) -> bool:
