@@ -8,7 +8,9 @@ hidden 64, 4 heads) with a Qwen-size vocabulary V = 151,936 (untied head, like Q
 T = 1024 of which 960 completion tokens: the (B, T, V) fp32 logits are ~1.2 GB, the body almost
 nothing, so the head's memory is what is measured. `lean=False` is the plain path (the logits of the
 completion positions, kept for backward); `lean=True` runs the head on chunks of 256 completion
-positions under activation checkpointing.
+positions under activation checkpointing. `--frozen-head` freezes the head, as LoRA leaves it, and adds the
+lean path as it was before the frozen-head lever (each chunk's logits recomputed in backward, where klalign now
+forms each position's gradient in the forward: `klalign.ops.logprobs._FrozenHeadLogprobs`).
 
 Each measurement runs in a fresh subprocess: build the model and the batch, run one warm-up
 forward+backward on a short batch (so that one-time allocations of torch and the allocator are not
@@ -51,6 +53,8 @@ def build(args):
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=args.seq_len,
                          tie_word_embeddings=False, attn_implementation="sdpa")
     model = LlamaForCausalLM(config)
+    if args.frozen_head:
+        model.lm_head.requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=g)
     attention_mask = torch.ones_like(input_ids)
@@ -59,12 +63,17 @@ def build(args):
     return model, dict(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask)
 
 
-def child(args, lean: bool) -> dict:
+def child(args, variant: str) -> dict:
     import gc
 
     import torch
 
+    from klalign.ops import logprobs
     from klalign.ops.logprobs import sequence_logprobs
+
+    lean = variant != "full"
+    if variant == "recomputed":  # the frozen head on the checkpointed path, as before the lever
+        logprobs._frozen_plain_head = lambda head: False
 
     model, batch = build(args)
     short = {k: v[:, :64].clone() for k, v in batch.items()}
@@ -96,7 +105,7 @@ def check_equal(args) -> dict:
         model.zero_grad(set_to_none=True)
         tok = token_logprobs(model, **batch, lean=lean)
         tok.sum().backward()
-        out[lean] = (tok.detach(), [p.grad.clone() for p in model.parameters()])
+        out[lean] = (tok.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
     (full, g_full), (lean, g_lean) = out[False], out[True]
     grad_diff = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() for a, b in zip(g_lean, g_full))
     return {"token_max_abs_diff": (full - lean).abs().max().item(),
@@ -115,18 +124,20 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", choices=["lean", "full"])
+    parser.add_argument("--frozen-head", action="store_true", help="the head frozen (LoRA): adds 'recomputed'")
+    parser.add_argument("--child", choices=["lean", "full", "recomputed"])
     parser.add_argument("--output", default="docs/bench/logprob_memory.md")
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args, args.child == "lean")))
+        print("RESULT " + json.dumps(child(args, args.child)))
         return
     start_load = load_avg()
-    results = {"full": [], "lean": []}
+    results = {"full": [], "lean": [], **({"recomputed": []} if args.frozen_head else {})}
     for _ in range(args.repeats):
-        for variant in ("full", "lean"):
+        for variant in results:
             cmd = [sys.executable, __file__, "--child", variant] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "output", "repeats")]
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if k not in ("child", "output", "repeats", "frozen_head")] + (["--frozen-head"] if args.frozen_head else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
@@ -141,11 +152,13 @@ def main():
            for v, rs in results.items()}
     completion = args.batch_size * (args.seq_len - args.prompt_len)
     logits_mib = completion * args.vocab * 4 / 2**20
-    ratio = med["lean"][0] / med["full"][0]
-    names = {"full": "full logits (lean=False)", "lean": "lean (lean=True, chunks of 256 positions)"}
+    names = {"full": "full logits (lean=False)", "lean": "lean (lean=True, chunks of 256 positions)",
+             "recomputed": "lean, the frozen head's logits recomputed in backward (before the frozen-head lever)"}
+    if args.frozen_head:
+        names["lean"] += ", frozen head: gradient formed in the forward"
     lines = [
         f"One forward+backward of klalign.ops.logprobs.sequence_logprobs on a tiny Llama body (2 layers, hidden 64) with "
-        f"V = {args.vocab:,} (untied head), B = {args.batch_size}, T = {args.seq_len} ({args.seq_len - args.prompt_len} "
+        f"V = {args.vocab:,} (untied head{', frozen' if args.frozen_head else ''}), B = {args.batch_size}, T = {args.seq_len} ({args.seq_len - args.prompt_len} "
         f"completion tokens per row; their fp32 logits alone: {logits_mib:.0f} MiB), fp32, CPU, torch threads "
         f"{results['full'][0]['threads']}. Peak extra resident memory = VmHWM - VmRSS before the call (high-water mark "
         f"reset via /proc/self/clear_refs), each run in a fresh process after a short warm-up call; median of "
@@ -154,11 +167,14 @@ def main():
         "| path | peak extra RSS (MiB, median) | runs (MiB) | time (s, median) | runs (s) | peak vs full | goal <= 0.3x |",
         "|---|---|---|---|---|---|---|",
     ]
-    for v in ("full", "lean"):
+    def goal(v):
+        return "-" if v == "full" else "met" if med[v][0] / med["full"][0] <= GOAL else "missed"
+
+    for v in results:
         peaks = ", ".join(f"{r['peak_extra_mib']:.0f}" for r in results[v])
         secs = ", ".join(f"{r['seconds']:.2f}" for r in results[v])
         lines.append(f"| {names[v]} | {med[v][0]:.0f} | {peaks} | {med[v][1]:.2f} | {secs} | "
-                     f"{med[v][0] / med['full'][0]:.2f}x | {'-' if v == 'full' else ('met' if ratio <= GOAL else 'missed')} |")
+                     f"{med[v][0] / med['full'][0]:.2f}x | {goal(v)} |")
     lines += ["", f"Equality (same model and batch, in one process): per-token log-probs max |lean - full| = "
               f"{equal['token_max_abs_diff']:.2e} ({'within' if equal['token_max_abs_diff'] <= 1e-5 else 'OUTSIDE'} "
               f"1e-5); summed over a row's {args.seq_len - args.prompt_len} tokens: max |diff| = "
