@@ -54,7 +54,14 @@ def main():
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="generation backend")
     parser.add_argument("--vllm-dtype", default="auto")
     parser.add_argument("--vllm-kv-cache-gb", type=float, default=1.0)
+    parser.add_argument("--head-recomputed", action="store_true",
+                        help="the LoRA policy's frozen head on the checkpointed path (logits recomputed in backward), "
+                             "as before the frozen-head lever of klalign.ops.logprobs")
     args = parser.parse_args()
+    if args.head_recomputed:
+        from klalign.ops import logprobs
+
+        logprobs._frozen_plain_head = lambda head: False
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from klalign import load_prompt_dataset, load_tokenizer
     from klalign.models.reference import Reference
@@ -99,7 +106,7 @@ def main():
     total = statistics.mean(totals[i] for i in steady)
     print(f"\nOne klalign round (iterative DPO, best vs worst of {args.samples}), SmolLM2-135M-Instruct fp32 + LoRA, "
           f"{args.prompts} prompts x {args.max_new_tokens} tokens, {args.backend} generation, share_prompt "
-          f"{bool(args.share_prompt)}; torch threads {torch.get_num_threads()}; mean of rounds "
+          f"{bool(args.share_prompt)}{', frozen head recomputed in backward (before the lever)' if args.head_recomputed else ''}; torch threads {torch.get_num_threads()}; mean of rounds "
           f"{[i + 1 for i in steady]} of {len(totals)}; load {start_load} -> {load_avg()}.\n")
     print("| phase | s per round | share |\n|---|---|---|")
     for p in phases:
