@@ -113,7 +113,7 @@ def main():
         s = statistics.mean(rounds[i].get(p, 0.0) for i in steady)
         print(f"| {p} | {s:.2f} | {s / total:.0%} |")
     other = total - sum(statistics.mean(rounds[i].get(p, 0.0) for i in steady) for p in phases
-                        if p.rsplit(": ", 1)[0] not in phases)  # "outer: inner" is a part of the timed phase "outer"
+                        if ": " not in p or p.rsplit(": ", 1)[0] not in phases)  # "outer: inner": a part of "outer"
     print(f"| other (optimizer step, batching, logging) | {other:.2f} | {other / total:.0%} |")
     print(f"| **round** | **{total:.2f}** | 100% |")
 
