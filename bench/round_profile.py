@@ -104,9 +104,10 @@ def main():
     steady = list(range(1, len(totals))) or [0]
     phases = sorted({p for r in rounds for p in r}, key=lambda p: -statistics.mean(r.get(p, 0) for r in rounds))
     total = statistics.mean(totals[i] for i in steady)
+    before = ", frozen head recomputed in backward (before the lever)" if args.head_recomputed else ""
     print(f"\nOne klalign round (iterative DPO, best vs worst of {args.samples}), SmolLM2-135M-Instruct fp32 + LoRA, "
           f"{args.prompts} prompts x {args.max_new_tokens} tokens, {args.backend} generation, share_prompt "
-          f"{bool(args.share_prompt)}{', frozen head recomputed in backward (before the lever)' if args.head_recomputed else ''}; torch threads {torch.get_num_threads()}; mean of rounds "
+          f"{bool(args.share_prompt)}{before}; torch threads {torch.get_num_threads()}; mean of rounds "
           f"{[i + 1 for i in steady]} of {len(totals)}; load {start_load} -> {load_avg()}.\n")
     print("| phase | s per round | share |\n|---|---|---|")
     for p in phases:
