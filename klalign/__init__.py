@@ -148,7 +148,7 @@ _EXPORTS = {
     "NASH_METHODS": "klalign.trainers.nash_methods:METHODS",
     "OnlineConfig": "klalign.trainers.online_config",
     "OnlineTrainer": "klalign.trainers.online",
-    "OptimisticKLConfig": "klalign.trainers.optimistic",
+    "OptimisticKLConfig": "klalign.trainers.optimistic_config",
     "OptimisticKLTrainer": "klalign.trainers.optimistic",
     "build_feature_map": "klalign.trainers.features",
     "build_reward_learner": "klalign.trainers.reward_learning",
