@@ -7,6 +7,10 @@ worst over `--samples` samples, one DPO step on the round's pairs), with a timer
 the oracle, the reference's and the policy's frozen log-prob passes, the update's forward (with gradients),
 backward and optimizer step, storing the feedback. Rounds after the first (warm-ups) are averaged; "other" is
 the rest of the round (Python, batching, logging). Prints a markdown table. A benchmark, never a test.
+
+`--ops`: also torch's profiler over the whole run, and a table of the operators with the most self CPU time
+(matrix products, sampling, attention, ...) and their share: whether a round is bound by its arithmetic. The
+profiler slows the round a little; take the phase times from a run without it.
 """
 
 import argparse
@@ -57,6 +61,8 @@ def main():
     parser.add_argument("--head-recomputed", action="store_true",
                         help="the LoRA policy's frozen head on the checkpointed path (logits recomputed in backward), "
                              "as before the frozen-head lever of klalign.ops.logprobs")
+    parser.add_argument("--ops", type=int, default=0, metavar="K",
+                        help="also profile the run's operators and print the K with the most self CPU time")
     args = parser.parse_args()
     if args.head_recomputed:
         from klalign.ops import logprobs
@@ -98,11 +104,17 @@ def main():
 
     trainer.add_callback(PerRound())
     start_load = load_avg()
-    trainer.train()
+    if args.ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            trainer.train()
+    else:
+        trainer.train()
     Reference.token_logprobs = reference_pass
     totals = timer.rounds()
     steady = list(range(1, len(totals))) or [0]
-    phases = sorted({p for r in rounds for p in r}, key=lambda p: -statistics.mean(r.get(p, 0) for r in rounds))
+    phases = sorted({p for r in rounds for p in r}, key=lambda p: -statistics.mean(rounds[i].get(p, 0) for i in steady))
     total = statistics.mean(totals[i] for i in steady)
     before = ", frozen head recomputed in backward (before the lever)" if args.head_recomputed else ""
     print(f"\nOne klalign round (iterative DPO, best vs worst of {args.samples}), SmolLM2-135M-Instruct fp32 + LoRA, "
@@ -117,6 +129,19 @@ def main():
                         if ": " not in p or p.rsplit(": ", 1)[0] not in phases)  # "outer: inner": a part of "outer"
     print(f"| other (optimizer step, batching, logging) | {other:.2f} | {other / total:.0%} |")
     print(f"| **round** | **{total:.2f}** | 100% |")
+    if args.ops:
+        print_ops(profiler, args.ops, len(totals))
+
+
+def print_ops(profiler, k: int, rounds: int):
+    """The k operators with the most self CPU time over the whole run (every round, warm-up included)."""
+    ops = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    whole = sum(e.self_cpu_time_total for e in ops)
+    print(f"\nOperators by self CPU time over the run ({rounds} rounds; torch profiler; {whole / 1e6:.1f} s in all):\n")
+    print("| operator | calls | self CPU s per round | share |\n|---|---:|---:|---:|")
+    for e in ops[:k]:
+        print(f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e6 / rounds:.2f} | "
+              f"{e.self_cpu_time_total / whole:.1%} |")
 
 
 if __name__ == "__main__":
