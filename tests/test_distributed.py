@@ -37,6 +37,10 @@ def launch(mode: str, script: list[str], *args: str, recipe: bool = True, env: d
            launcher: list[str] = (), timeout: int = 900) -> subprocess.CompletedProcess:
     """`accelerate launch [launcher args] <script> <args>` with the mode's config; fails the test on error."""
     config, launcher_args, mode_env, recipe_args = MODES[mode]
+    if "--main_process_port" not in [*launcher_args, *launcher]:
+        # Each launch its own rendezvous port: DeepSpeed's CPU shm all-reduce names its shared-memory segments
+        # after MASTER_PORT, so launches in a row on the default 29500 share segment names.
+        launcher = [*launcher, "--main_process_port", str(free_port())]
     proc = subprocess.run(
         [*LAUNCH, "--config_file", config, *launcher_args, *launcher, *script, *args, *(recipe_args if recipe else [])],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **mode_env, **(env or {})},
