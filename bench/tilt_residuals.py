@@ -11,7 +11,15 @@ its residual after the within-prompt regression on r, and the correlation of the
 checkpoints. Runs with different seeds whose residuals are uncorrelated move off the reward at random
 (sampling noise of the pairs and of SGD: more signal per step would remove it, and the mean of the runs'
 log-ratios fits better than either); residuals correlated near 1 are a bias shared by every run (the objective,
-LoRA's reach, the data), which more signal would not remove. A diagnostic printed as tables, never a test.
+LoRA's reach, the data), which more signal would not remove.
+
+A second table splits a checkpoint's shortfall in G into its step size and its direction, on the same samples and
+the empirical footing of `klalign evaluate`'s frontier (`tilted_frontier_estimate`): the tilt of pi_ref's samples by
+c x the checkpoint's log-ratio is the checkpoint itself at c = 1 (its G by self-normalised weights, a check on the
+evaluation's G from its own samples) and, over c, every policy that moves along its learned direction by another
+amount. The best G over c is what the direction can reach (1 only for the reward's own direction, Gibbs' principle);
+the tilt by the reward at the checkpoint's scale a is what its step size alone would give. A diagnostic printed
+as tables, never a test.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import numpy as np  # noqa: E402
 
 from klalign.data.datasets import load_prompt_dataset  # noqa: E402
 from klalign.data.prompts import prompt_token_ids  # noqa: E402
+from klalign.evaluation.optimum import optimum_values  # noqa: E402
+from klalign.evaluation.statistics import tilted_frontier_estimate  # noqa: E402
 from klalign.generation.types import Completion  # noqa: E402
 from klalign.models.loading import load_causal_lm, load_tokenizer  # noqa: E402
 from klalign.ops.logprobs import completion_logprobs  # noqa: E402
@@ -46,6 +56,14 @@ def residual(logratio: np.ndarray, reward: np.ndarray) -> tuple[np.ndarray, floa
     slope = (rc * lc).sum() / (rc * rc).sum()
     res = lc - slope * rc
     return res, float(slope), float(1 - (res**2).sum() / (lc**2).sum())
+
+
+def gains_along(reward: np.ndarray, scores: np.ndarray, lams: list[float], beta: float) -> list[tuple[float, float, float]]:
+    """(lam, G, ESS) of the tilt of pi_ref's samples by lam x scores, on the empirical law of those samples: there
+    J* = beta log mean exp(r / beta) exactly (the estimate of `klalign evaluate`) and J(pi_ref) = mean r. (P, n)"""
+    j_ref, j_star = reward.mean(), optimum_values(reward, beta).mean()
+    return [(row["lam"], (row["reward"] - beta * row["kl"] - j_ref) / (j_star - j_ref), row["ess"])
+            for row in tilted_frontier_estimate(reward, lams, scores=scores)]
 
 
 def main() -> int:
@@ -70,14 +88,25 @@ def main() -> int:
                    - ref_logps.ravel()).max()
     print(f"pi_ref's log-probs recomputed: largest difference from the evaluation's {drift:.2e}", flush=True)
     del base
-    fits = {}
+    fits, ratios = {}, {}
     for path in args.checkpoints:
         model = load_causal_lm(SMOLLM2, adapter_path=path, trainable=False).merge_and_unload().eval()
         logps = completion_logprobs(model, completions, tokenizer.pad_token_id, args.batch_size).reshape(reward.shape)
         name = "/".join(Path(path).parts[-3:])
-        fits[name] = residual(logps - ref_logps, reward)  # the log-ratio on pi_ref's own samples
+        ratios[name] = logps - ref_logps  # the log-ratio on pi_ref's own samples (P, n)
+        fits[name] = residual(ratios[name], reward)
         print(f"{name}: a = {args.beta * fits[name][1]:.3f}, R^2 {fits[name][2]:.3f}", flush=True)
     names = list(fits)
+    grid = list(np.geomspace(1 / 8, 8, 49))  # includes 1
+    print(f"\nG along each checkpoint's direction (tilts of pi_ref's samples by c x its log-ratio; beta {args.beta}):\n")
+    print("| checkpoint | G at c = 1 (itself) | ESS | best c | G at best c | G of the tilt by r at its scale a |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        logratio = ratios[name]
+        (_, own, ess), = gains_along(reward, logratio, [1.0], args.beta)
+        c, best, _ = max(gains_along(reward, logratio, grid, args.beta), key=lambda t: t[1])
+        (_, by_reward, _), = gains_along(reward, reward, [fits[name][1]], args.beta)  # lam = slope = a / beta
+        print(f"| {name} | {own:.2f} | {ess:.1f} | {c:.2f} | {best:.2f} | {by_reward:.2f} |")
     print(f"\nOn pi_ref's samples ({reward.shape[0]} prompts x {reward.shape[1]}), beta {args.beta}; "
           f"{(time.time() - started) / 60:.1f} min; pi_ref's log-probs recomputed within {drift:.1e}.\n")
     print("| checkpoint | tilt scale a | R^2 |\n|---|---:|---:|")

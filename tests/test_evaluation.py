@@ -12,6 +12,7 @@ from klalign.errors import DataError, EvaluationError
 from klalign.evaluation import evaluate as evaluation
 from klalign.evaluation.evaluate import EvaluationArguments, evaluate_checkpoints
 from klalign.evaluation.optimum import tilt_alignment
+from klalign.evaluation.statistics import tilted_frontier_estimate
 from klalign.generation.types import GenerationArguments
 from klalign.models.tiny import save_tiny_model
 from klalign.oracles.base import CallableReward
@@ -112,6 +113,23 @@ def test_tilted_frontier_matches_the_exact_tilt(bed, report):
         assert row["reward"] == pytest.approx(exact_reward.mean(), abs=0.09)
         assert row["kl"] == pytest.approx(exact_kl.mean(), abs=0.09)
     assert report.frontier[0]["kl"] == 0 and report.frontier[0]["ess"] == 256
+
+
+def test_a_tilt_by_any_other_score_gets_less_of_the_objective_than_the_tilt_by_the_reward():
+    """Gibbs' principle on the n samples' empirical law: w = softmax(lam r) maximises sum w r - KL(w || uniform) / lam
+    over every w, so the tilt by another score of the same samples (the reward plus noise, as a checkpoint's
+    log-ratio in bench/tilt_residuals.py) gets less at every lam and at every rescaling of that score."""
+    rng = np.random.default_rng(0)
+    reward = rng.normal(size=(8, 64))  # (P, n)
+    noisy = reward + rng.normal(size=reward.shape)
+    lams = [0.5, 1.0, 2.0, 4.0]
+    by_reward = tilted_frontier_estimate(reward, lams)
+    assert tilted_frontier_estimate(reward, lams, scores=reward) == by_reward
+    for lam, best in zip(lams, by_reward):
+        for row in tilted_frontier_estimate(reward, list(np.geomspace(0.1, 10, 21)), scores=noisy):
+            assert row["reward"] - row["kl"] / lam < best["reward"] - best["kl"] / lam
+    by_noisy = tilted_frontier_estimate(reward, lams, scores=noisy)
+    assert all(n["reward"] < r["reward"] and n["kl"] > 0 for n, r in zip(by_noisy[1:], by_reward[1:]))
 
 
 def test_outputs_are_written_and_a_rerun_samples_nothing(bed, report, monkeypatch):

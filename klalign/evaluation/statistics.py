@@ -43,16 +43,19 @@ def summarize(name: str, samples: dict, step: int | None = None, path: str | Non
     return row
 
 
-def tilted_frontier_estimate(rewards: np.ndarray, lambdas: list[float]) -> list[dict]:
-    """Reward and KL of phi_lam ∝ pi_ref exp(lam r) by self-normalised weights over (P, n) samples.
+def tilted_frontier_estimate(rewards: np.ndarray, lambdas: list[float], scores: np.ndarray | None = None) -> list[dict]:
+    """Reward and KL of phi_lam ∝ pi_ref exp(lam s) by self-normalised weights over (P, n) samples of pi_ref,
+    s = the reward itself (the tilted frontier) or any other score of the same samples (`scores`, (P, n); e.g. a
+    checkpoint's log-ratio, to ask how far along its own direction the reward goes).
 
-    Per prompt, w = softmax(lam * r) over its n samples: reward = sum w r, KL = sum w log(w n)
+    Per prompt, w = softmax(lam * s) over its n samples: reward = sum w r, KL = sum w log(w n)
     (ALGORITHMS.md section 0). ess = 1 / sum w^2, the effective number of samples left (n at lam = 0).
     """
     rows = []
     n = rewards.shape[1]
+    scores = rewards if scores is None else scores
     for lam in lambdas:
-        w = torch.softmax(torch.as_tensor(lam * rewards, dtype=torch.float64), dim=1).numpy()  # (P, n)
+        w = torch.softmax(torch.as_tensor(lam * scores, dtype=torch.float64), dim=1).numpy()  # (P, n)
         kl = np.sum(w * np.log(np.maximum(w * n, np.finfo(np.float64).tiny)), axis=1)  # 0 log 0 = 0
         rows.append({
             "lam": float(lam),
