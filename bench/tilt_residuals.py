@@ -70,7 +70,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--evaluation", required=True, help="A `klalign evaluate` output_dir (its cache/reference-*.json).")
     parser.add_argument("--prompts", required=True, help="That evaluation's prompt_dataset_path.")
-    parser.add_argument("--checkpoints", nargs="+", required=True, help="LoRA adapter folders of SmolLM2.")
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="LoRA adapter folders of SmolLM2, or full model folders.")
     parser.add_argument("--beta", type=float, default=0.25)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
@@ -90,7 +90,10 @@ def main() -> int:
     del base
     fits, ratios = {}, {}
     for path in args.checkpoints:
-        model = load_causal_lm(SMOLLM2, adapter_path=path, trainable=False).merge_and_unload().eval()
+        if Path(path, "adapter_config.json").is_file():  # LoRA on SmolLM2
+            model = load_causal_lm(SMOLLM2, adapter_path=path, trainable=False).merge_and_unload().eval()
+        else:  # a fully fine-tuned model folder
+            model = load_causal_lm(path, trainable=False).eval()
         logps = completion_logprobs(model, completions, tokenizer.pad_token_id, args.batch_size).reshape(reward.shape)
         name = "/".join(Path(path).parts[-3:])
         ratios[name] = logps - ref_logps  # the log-ratio on pi_ref's own samples (P, n)
