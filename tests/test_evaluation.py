@@ -128,8 +128,6 @@ def test_a_tilt_by_any_other_score_gets_less_of_the_objective_than_the_tilt_by_t
     for lam, best in zip(lams, by_reward):
         for row in tilted_frontier_estimate(reward, list(np.geomspace(0.1, 10, 21)), scores=noisy):
             assert row["reward"] - row["kl"] / lam < best["reward"] - best["kl"] / lam
-    by_noisy = tilted_frontier_estimate(reward, lams, scores=noisy)
-    assert all(n["reward"] < r["reward"] and n["kl"] > 0 for n, r in zip(by_noisy[1:], by_reward[1:]))
 
 
 def test_outputs_are_written_and_a_rerun_samples_nothing(bed, report, monkeypatch):
