@@ -13,9 +13,10 @@ bench/head_to_head.py (30 to train on; the 10 about "the food" and "the city" he
 reference samples per held-out prompt the weights exp(r / beta) keep an effective sample size of 28.9 a prompt
 (smallest 19.6; beta 0.1 gives 14.4, below the README's 16), and the starting gap KL(pi_ref || pi*) is 0.95.
 
-Each method trains through its shipped recipe (configs/smollm2/*.yaml plus the overrides below) with every
-checkpoint kept; each checkpoint is charged the oracle queries spent up to it (offline: the whole dataset,
-sampled before training; online: the rounds so far). One `klalign evaluate` samples every checkpoint
+Each method trains through its recipe on its shipped config (configs/smollm2/*.yaml: every tuned setting, chosen
+on the training prompts by the protocol in docs/captured_gain.md) with every checkpoint kept; each checkpoint is
+charged the oracle queries spent up to it (offline: the whole dataset, sampled before training; online: the rounds
+so far). One `klalign evaluate` samples every --eval-every'th checkpoint of each run counted back from the last
 (64 samples per prompt, SE(G) ~ 0.05-0.1; --eval-samples N for fewer on the grid, SE(G) growing as
 1/sqrt(N)) and the reference once (cached in --out by N, so a re-run only samples new checkpoints). A run whose
 run.json exists is not trained again: the benchmark is resumable. Writes
@@ -47,30 +48,21 @@ EVAL_SAMPLES = 64
 
 
 def methods(budget: int, train: Path, n_train: int) -> dict[str, tuple[str, str, dict]]:
-    """name -> (recipe, base config, overrides). Every KL-regularised method optimises J at BETA with labels
-    averaged over their Bradley-Terry law (pair_labels: expected), so its population optimum is the tilt."""
-    common = {"max_new_tokens": TOKENS, "temperature": 1.0, "top_p": 1.0, "beta": BETA, "report_to": "none",
-              "save_total_limit": None, "pair_labels": "expected"}
-    online = {**common, "dataset_path": str(train), "prompts_per_chunk": 8, "num_rounds": 4,
-              "prompts_per_round": budget // 16, "samples_per_prompt": 4, "learning_rate": 5e-4,
-              "per_device_train_batch_size": 8}
-    offline = {**common, "prompt_dataset_path": str(train), "num_candidates": max(2, budget // n_train),
-               "num_train_epochs": 4, "per_device_train_batch_size": 8, "save_strategy": "epoch", "max_length": 128,
-               "learning_rate": 5e-4, "loss_type": "sigmoid", "_drop": ["max_steps"]}
-    optimistic = {k: v for k, v in online.items() if k != "pair_labels"}  # it learns r from rewards, no pairs
+    """name -> (recipe, shipped config, overrides). The shipped configs/smollm2/*.yaml carry every tuned setting
+    (beta, learning rate, rounds, batch, labels averaged over their Bradley-Terry law: the protocol in
+    docs/captured_gain.md); the overrides are only the training prompts, the budget's sizes, every checkpoint
+    kept, and the variant that names the method (enhancer, gamma, sampling_beta)."""
+    online = {"dataset_path": str(train), "prompts_per_round": budget // 16, "save_total_limit": None}  # 4 x 4
+    offline = {"prompt_dataset_path": str(train), "num_candidates": max(2, budget // n_train)}
     return {
         "offline DPO": ("recipes/rso.py", "configs/smollm2/rso.yaml", {**offline, "sampling_beta": 1e6}),
-        "offline RSO": ("recipes/rso.py", "configs/smollm2/rso.yaml", {**offline, "sampling_beta": BETA}),
-        "iterative DPO, best vs worst": ("recipes/iterative_dpo.py", "configs/smollm2/iterative_dpo.yaml",
-                                         {**online, "enhancer": "best_vs_worst"}),
+        "offline RSO": ("recipes/rso.py", "configs/smollm2/rso.yaml", offline),
+        "iterative DPO, best vs worst": ("recipes/iterative_dpo.py", "configs/smollm2/iterative_dpo.yaml", online),
         "iterative DPO, all pairs": ("recipes/iterative_dpo.py", "configs/smollm2/iterative_dpo.yaml",
                                      {**online, "enhancer": "all_pairs"}),  # 6 pairs a prompt from its 4 samples
-        "iterative DPO, temperature": ("recipes/iterative_dpo.py", "configs/smollm2/iterative_dpo.yaml",
-                                       {**online, "enhancer": "temperature", "enhancer_temperature": 1.5,
-                                        "prompts_per_round": budget // 8}),
-        "optimistic KL": ("recipes/optimistic_kl.py", "configs/smollm2/optimistic_kl.yaml", optimistic),
+        "optimistic KL": ("recipes/optimistic_kl.py", "configs/smollm2/optimistic_kl.yaml", online),
         "optimistic KL, greedy (gamma 0)": ("recipes/optimistic_kl.py", "configs/smollm2/optimistic_kl.yaml",
-                                            {**optimistic, "gamma": 0.0}),
+                                            {**online, "gamma": 0.0}),
     }
 
 
@@ -113,6 +105,16 @@ def run(name: str, seed: int, spec: tuple, tag: str, overrides: dict, out: Path,
               "checkpoints": {str(work / "out" / c): q for c, q in queries_by_checkpoint(work / "out").items()}}
     (work / "run.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def thinned(records: list[dict], every: int) -> list[dict]:
+    """Each run's every `every`-th checkpoint counted back from its last (the last always kept)."""
+    kept = []
+    for r in records:
+        paths = list(r["checkpoints"])  # in training order
+        keep = {p for i, p in enumerate(reversed(paths)) if i % every == 0}
+        kept.append({**r, "checkpoints": {p: q for p, q in r["checkpoints"].items() if p in keep}})
+    return kept
 
 
 def evaluate(prompts: Path, records: list[dict], out: Path, env: dict, samples: int = EVAL_SAMPLES) -> dict:
@@ -202,7 +204,7 @@ def plot(report: dict, rows: list[dict], n_prompts: int, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=int, default=256, help="Oracle queries per run.")
+    parser.add_argument("--budget", type=int, default=1024, help="Oracle queries per run (the shipped configs' at 1024).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="*", default=None, help="A subset of the method names (default: all).")
     parser.add_argument("--prompts", choices=["heldout", "train"], default="heldout",
@@ -214,6 +216,8 @@ def main() -> int:
                         "docs/captured_gain for held-out, out/grid for train).")
     parser.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="Samples a prompt in the evaluation "
                         "(SE(G) grows as 1/sqrt(N); fewer keep a grid on the training prompts affordable on a CPU).")
+    parser.add_argument("--eval-every", type=int, default=1, help="Evaluate every K-th checkpoint of a run, "
+                        "counted back from its last (2: rounds 2 and 4 of a 4-round run).")
     parser.add_argument("--no-eval", action="store_true", help="Only train (evaluate later, e.g. on a quieter machine).")
     args = parser.parse_args()
     started = time.time()
@@ -230,7 +234,7 @@ def main() -> int:
     records = [run(name, seed, spec, args.tag, overrides, out, env) for name, spec in chosen.items()
                for seed in args.seeds]
     # every finished run in out is evaluated and tabled, not only this invocation's
-    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/run.json"))]
+    records = thinned([json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/run.json"))], args.eval_every)
     if args.no_eval:
         return 0
     prompts, n_prompts = (heldout, n_heldout) if args.prompts == "heldout" else (train, n_train)
