@@ -1,0 +1,163 @@
+"""How many scored replies does it take to learn VADER's direction on SmolLM2's replies? (issue 19)
+
+    python bench/reward_learnability.py --evaluation runs/captured_gain_grid/train/evaluation \
+        --prompts runs/captured_gain_grid/train_prompts.jsonl --stores runs/captured_gain_grid/runs/*/out/feedback
+
+The trainers of bench/captured_gain.py stop where the objective wants them along the direction they learn, and
+that direction is off the reward (bench/tilt_residuals.py): the policy's implicit reward beta log pi / pi_ref,
+learned from the ~1000-2000 replies a run scores, explains 17-27% of VADER's within-prompt variance on pi_ref's
+samples. Is that a property of the trainers, or of how much a learner can know about VADER from that many
+scored replies? This script answers for one simple learner, nothing sampled and nothing asked of the oracle:
+a ridge regression of the reward on a reply's bag of tokens (counts of each token id; within-prompt, so a
+prompt's mean reward is not learned), fitted on N replies drawn from the runs' feedback stores (every scored
+reply of every run, pi_ref's and the policies' near it, de-duplicated), scored on pi_ref's own cached samples
+of the evaluation (never in the fit). For each N: the within-prompt R^2 of the fitted score on those samples and
+the G of the policies that tilt pi_ref's samples along it (`tilted_frontier_estimate` on the empirical footing of
+`klalign evaluate`): at c = 1 / beta, the KL-regularised optimum if the fit were the reward (the plug-in policy),
+and at the best c, the most the direction can give. The ridge penalty is picked on 1000 other replies of the
+pool. A bag of tokens is one direction a LoRA policy can take (raise some tokens, lower others), not the only
+one; a diagnostic printed as a table, never a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.sparse import csr_matrix
+from scipy.sparse.linalg import LinearOperator, lsqr
+from tilt_residuals import gains_along, within
+
+from klalign.data.datasets import load_prompt_dataset
+
+PENALTIES = [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
+
+
+def pool(stores: list[str], test: set) -> pd.DataFrame:
+    """Every scored reply of the feedback stores as (prompt, ids, reward), de-duplicated, pi_ref's test samples out."""
+    rows = []
+    for store in stores:
+        for part in sorted(glob.glob(f"{store}/round-*/part-*.parquet")):
+            frame = pd.read_parquet(part)
+            if "completion_ids" in frame:  # the optimistic / Nash stores: a prompt's k samples in a row
+                scored = [(p, c, r) for p, ids, rs in zip(frame.prompt, frame.completion_ids, frame.rewards)
+                          for c, r in zip(ids, rs)]
+            else:  # iterative DPO's: a pair in a row, each side with its reward
+                scored = [(p, c, r) for side in ("chosen", "rejected")
+                          for p, c, r in zip(frame.prompt, frame[f"{side}_ids"], frame[f"{side}_reward"])]
+            rows += [(json.dumps(json.loads(p), sort_keys=True), tuple(int(t) for t in c), float(r))
+                     for p, c, r in scored]
+    frame = pd.DataFrame(rows, columns=["prompt", "ids", "reward"]).drop_duplicates(["prompt", "ids"])
+    return frame[[(p, i) not in test for p, i in zip(frame.prompt, frame.ids)]].reset_index(drop=True)
+
+
+def counts(ids: list[tuple], vocab: int) -> csr_matrix:
+    """Bag of tokens. (N, vocab)"""
+    cols = np.concatenate([np.asarray(i, dtype=np.int64) for i in ids])
+    rows = np.repeat(np.arange(len(ids)), [len(i) for i in ids])
+    return csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(ids), vocab))
+
+
+def centring(groups: np.ndarray):
+    """u -> u minus its group's mean: a symmetric projection, so within-prompt least squares is lsqr on it."""
+    codes, inverse = np.unique(groups, return_inverse=True)
+    sizes = np.bincount(inverse, minlength=len(codes))
+
+    def centre(u: np.ndarray) -> np.ndarray:
+        return u - (np.bincount(inverse, weights=u, minlength=len(codes)) / sizes)[inverse]
+    return centre
+
+
+def fit(x: csr_matrix, y: np.ndarray, groups: np.ndarray, penalty: float) -> np.ndarray:
+    """Within-prompt ridge: argmin_w |C (y - x w)|^2 + penalty |w|^2, C the centring by prompt. (vocab,)"""
+    centre = centring(groups)
+    op = LinearOperator(x.shape, matvec=lambda w: centre(x @ w), rmatvec=lambda u: x.T @ centre(u), dtype=float)
+    return lsqr(op, centre(y), damp=np.sqrt(penalty), atol=1e-8, btol=1e-8, iter_lim=2000)[0]
+
+
+def r2_within(score: np.ndarray, reward: np.ndarray) -> float:
+    """Squared within-prompt correlation of a score with the reward. (P, n) each"""
+    s, r = within(score).ravel(), within(reward).ravel()
+    return float(np.corrcoef(s, r)[0, 1] ** 2)
+
+
+def lexicon_sum(texts: list[str]) -> np.ndarray:
+    """The sum of VADER's own valences of a reply's words: the additive word-level direction with the oracle's own
+    weights, learned from no data (VADER adds negation, intensifiers, caps and a saturating norm on top)."""
+    from vader import (
+        SentimentIntensityAnalyzer,  # the `nltk-vader-sentiment` package; no downloads
+    )
+
+    lexicon = SentimentIntensityAnalyzer().lexicon
+    return np.asarray([sum(lexicon.get(w, 0.0) for w in re.findall(r"[a-z']+", t.lower())) for t in texts])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--evaluation", required=True, help="A `klalign evaluate` output_dir (its cache/reference-*.json).")
+    parser.add_argument("--prompts", required=True, help="That evaluation's prompt_dataset_path.")
+    parser.add_argument("--stores", nargs="+", required=True, help="Feedback store folders (<run>/out/feedback).")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000, 8000])
+    parser.add_argument("--repeats", type=int, default=3, help="Draws of the N replies per size.")
+    parser.add_argument("--beta", type=float, default=0.25)
+    args = parser.parse_args()
+    started = time.time()
+    (ref_file,) = Path(args.evaluation, "cache").glob("reference-*.json")
+    ref = json.loads(ref_file.read_text())
+    reward = np.asarray(ref["rewards"])  # (P, n)
+    prompts = [json.dumps(p, sort_keys=True) for p in load_prompt_dataset(args.prompts)["prompt"]]
+    assert len(prompts) == reward.shape[0], "the prompt file is not the evaluation's"
+    test_ids = [tuple(c) for per in ref["completion_ids"] for c in per]
+    frame = pool(args.stores, {(p, i) for p, per in zip(prompts, ref["completion_ids"]) for i in map(tuple, per)})
+    frame = frame[frame.prompt.isin(prompts)].reset_index(drop=True)
+    vocab = 1 + max(max(max(i) for i in frame.ids), max(max(i) for i in test_ids))
+    test_x = counts(test_ids, vocab)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(frame))
+    valid, rest = frame.iloc[order[:1000]], frame.iloc[order[1000:]]
+    print(f"{len(frame)} distinct scored replies of {len(args.stores)} stores on {frame.prompt.nunique()} prompts "
+          f"(1000 for the penalty, {len(rest)} to draw from); test: pi_ref's {reward.size} cached samples.", flush=True)
+    valid_x, valid_y, valid_g = counts(list(valid.ids), vocab), valid.reward.to_numpy(), valid.prompt.to_numpy()
+
+    def scored(part: pd.DataFrame, penalty: float) -> np.ndarray:
+        return fit(counts(list(part.ids), vocab), part.reward.to_numpy(), part.prompt.to_numpy(), penalty)
+
+    def valid_r2(w: np.ndarray) -> float:
+        centre = centring(valid_g)
+        return float(np.corrcoef(centre(valid_x @ w), centre(valid_y))[0, 1] ** 2)
+
+    grid = list(np.geomspace(1 / 8, 8, 49) / args.beta)
+    lines = ["| replies fitted on | penalty | within-prompt R^2 on pi_ref's samples | G of the plug-in tilt (c = 1 / beta) "
+             "| best c x beta | G at best c |", "|---:|---:|---:|---:|---:|---:|"]
+    for n in [s for s in args.sizes if s <= len(rest)]:
+        results = []
+        for repeat in range(args.repeats):
+            part = rest.iloc[rng.permutation(len(rest))[:n]]
+            penalty, w = max(((p, scored(part, p)) for p in PENALTIES), key=lambda t: valid_r2(t[1]))
+            score = (test_x @ w).reshape(reward.shape)
+            (_, plug_in, _), = gains_along(reward, score, [1 / args.beta], args.beta)
+            c, best, _ = max(gains_along(reward, score, grid, args.beta), key=lambda t: t[1])
+            results.append((penalty, r2_within(score, reward), plug_in, c * args.beta, best))
+        mean = np.mean(results, axis=0)
+        spread = np.std([r[1:] for r in results], axis=0)
+        lines.append(f"| {n} | {np.median([r[0] for r in results]):g} | {mean[1]:.2f} ± {spread[0]:.2f} | "
+                     f"{mean[2]:.2f} ± {spread[1]:.2f} | {mean[3]:.2f} | {mean[4]:.2f} ± {spread[3]:.2f} |")
+        print(lines[-1], flush=True)
+    total = lexicon_sum([t for per in ref["texts"] for t in per]).reshape(reward.shape)
+    for name, score in (("VADER's lexicon, summed over words (no fit)", total),
+                        ("the same sum through VADER's norm x / sqrt(x^2 + 15)", total / np.sqrt(total**2 + 15))):
+        c, best, _ = max(gains_along(reward, score, grid, args.beta), key=lambda t: t[1])
+        lines.append(f"| {name} | - | {r2_within(score, reward):.2f} | - | {c * args.beta:.2f} | {best:.2f} |")
+    print(f"\nbeta {args.beta}; mean ± sd over {args.repeats} draws of the replies; "
+          f"{(time.time() - started) / 60:.1f} min.\n\n" + "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
