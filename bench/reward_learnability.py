@@ -35,25 +35,26 @@ from scipy.sparse.linalg import LinearOperator, lsqr
 from tilt_residuals import gains_along, within
 
 from klalign.data.datasets import load_prompt_dataset
+from klalign.trainers.features import SentenceEmbeddingFeatures
 
-PENALTIES = [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
+PENALTIES = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 
 
 def pool(stores: list[str], test: set) -> pd.DataFrame:
-    """Every scored reply of the feedback stores as (prompt, ids, reward), de-duplicated, pi_ref's test samples out."""
+    """Every scored reply of the feedback stores as (prompt, ids, text, reward), de-duplicated, pi_ref's test samples out."""
     rows = []
     for store in stores:
         for part in sorted(glob.glob(f"{store}/round-*/part-*.parquet")):
             frame = pd.read_parquet(part)
             if "completion_ids" in frame:  # the optimistic / Nash stores: a prompt's k samples in a row
-                scored = [(p, c, r) for p, ids, rs in zip(frame.prompt, frame.completion_ids, frame.rewards)
-                          for c, r in zip(ids, rs)]
+                scored = [(p, c, t, r) for p, ids, ts, rs in zip(frame.prompt, frame.completion_ids, frame.responses,
+                                                                frame.rewards) for c, t, r in zip(ids, ts, rs)]
             else:  # iterative DPO's: a pair in a row, each side with its reward
-                scored = [(p, c, r) for side in ("chosen", "rejected")
-                          for p, c, r in zip(frame.prompt, frame[f"{side}_ids"], frame[f"{side}_reward"])]
-            rows += [(json.dumps(json.loads(p), sort_keys=True), tuple(int(t) for t in c), float(r))
-                     for p, c, r in scored]
-    frame = pd.DataFrame(rows, columns=["prompt", "ids", "reward"]).drop_duplicates(["prompt", "ids"])
+                scored = [(p, c, t, r) for side in ("chosen", "rejected") for p, c, t, r in
+                          zip(frame.prompt, frame[f"{side}_ids"], frame[side], frame[f"{side}_reward"])]
+            rows += [(json.dumps(json.loads(p), sort_keys=True), tuple(int(t) for t in c), text, float(r))
+                     for p, c, text, r in scored]
+    frame = pd.DataFrame(rows, columns=["prompt", "ids", "text", "reward"]).drop_duplicates(["prompt", "ids"])
     return frame[[(p, i) not in test for p, i in zip(frame.prompt, frame.ids)]].reset_index(drop=True)
 
 
@@ -106,6 +107,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000, 8000])
     parser.add_argument("--repeats", type=int, default=3, help="Draws of the N replies per size.")
     parser.add_argument("--beta", type=float, default=0.25)
+    parser.add_argument("--features", nargs="+", choices=["tokens", "minilm"], default=["tokens", "minilm"],
+                        help="A reply's bag of tokens, or the optimistic trainer's all-MiniLM-L6-v2 features of (prompt, reply).")
     args = parser.parse_args()
     started = time.time()
     (ref_file,) = Path(args.evaluation, "cache").glob("reference-*.json")
@@ -116,44 +119,49 @@ def main() -> int:
     test_ids = [tuple(c) for per in ref["completion_ids"] for c in per]
     frame = pool(args.stores, {(p, i) for p, per in zip(prompts, ref["completion_ids"]) for i in map(tuple, per)})
     frame = frame[frame.prompt.isin(prompts)].reset_index(drop=True)
-    vocab = 1 + max(max(max(i) for i in frame.ids), max(max(i) for i in test_ids))
-    test_x = counts(test_ids, vocab)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(frame))
-    valid, rest = frame.iloc[order[:1000]], frame.iloc[order[1000:]]
+    valid, rest = order[:1000], order[1000:]  # rows of frame
     print(f"{len(frame)} distinct scored replies of {len(args.stores)} stores on {frame.prompt.nunique()} prompts "
           f"(1000 for the penalty, {len(rest)} to draw from); test: pi_ref's {reward.size} cached samples.", flush=True)
-    valid_x, valid_y, valid_g = counts(list(valid.ids), vocab), valid.reward.to_numpy(), valid.prompt.to_numpy()
-
-    def scored(part: pd.DataFrame, penalty: float) -> np.ndarray:
-        return fit(counts(list(part.ids), vocab), part.reward.to_numpy(), part.prompt.to_numpy(), penalty)
-
-    def valid_r2(w: np.ndarray) -> float:
-        centre = centring(valid_g)
-        return float(np.corrcoef(centre(valid_x @ w), centre(valid_y))[0, 1] ** 2)
-
+    y, groups = frame.reward.to_numpy(), frame.prompt.to_numpy()
     grid = list(np.geomspace(1 / 8, 8, 49) / args.beta)
-    lines = ["| replies fitted on | penalty | within-prompt R^2 on pi_ref's samples | G of the plug-in tilt (c = 1 / beta) "
-             "| best c x beta | G at best c |", "|---:|---:|---:|---:|---:|---:|"]
-    for n in [s for s in args.sizes if s <= len(rest)]:
-        results = []
-        for repeat in range(args.repeats):
-            part = rest.iloc[rng.permutation(len(rest))[:n]]
-            penalty, w = max(((p, scored(part, p)) for p in PENALTIES), key=lambda t: valid_r2(t[1]))
-            score = (test_x @ w).reshape(reward.shape)
-            (_, plug_in, _), = gains_along(reward, score, [1 / args.beta], args.beta)
-            c, best, _ = max(gains_along(reward, score, grid, args.beta), key=lambda t: t[1])
-            results.append((penalty, r2_within(score, reward), plug_in, c * args.beta, best))
-        mean = np.mean(results, axis=0)
-        spread = np.std([r[1:] for r in results], axis=0)
-        lines.append(f"| {n} | {np.median([r[0] for r in results]):g} | {mean[1]:.2f} ± {spread[0]:.2f} | "
-                     f"{mean[2]:.2f} ± {spread[1]:.2f} | {mean[3]:.2f} | {mean[4]:.2f} ± {spread[3]:.2f} |")
-        print(lines[-1], flush=True)
+    lines = ["| features | replies fitted on | penalty | within-prompt R^2 on pi_ref's samples | G of the plug-in tilt "
+             "(c = 1 / beta) | best c x beta | G at best c |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in args.features:
+        if name == "tokens":
+            vocab = 1 + max(max(max(i) for i in frame.ids), max(max(i) for i in test_ids))
+            x, test_x = counts(list(frame.ids), vocab), counts(test_ids, vocab)
+        else:  # the optimistic trainer's feature map
+            phi = SentenceEmbeddingFeatures()
+            x = phi([json.loads(p) for p in frame.prompt], list(frame.text)).numpy()
+            test_x = phi([json.loads(p) for p, per in zip(prompts, ref["texts"]) for _ in per],
+                         [t for per in ref["texts"] for t in per]).numpy()
+        centre = centring(groups[valid])
+
+        def valid_r2(w: np.ndarray) -> float:
+            return float(np.corrcoef(centre(x[valid] @ w), centre(y[valid]))[0, 1] ** 2)
+
+        for n in [s for s in args.sizes if s <= len(rest)]:
+            results = []
+            for repeat in range(args.repeats):
+                part = rest[rng.permutation(len(rest))[:n]]
+                penalty, w = max(((p, fit(x[part], y[part], groups[part], p)) for p in PENALTIES),
+                                 key=lambda t: valid_r2(t[1]))
+                score = (test_x @ w).reshape(reward.shape)
+                (_, plug_in, _), = gains_along(reward, score, [1 / args.beta], args.beta)
+                c, best, _ = max(gains_along(reward, score, grid, args.beta), key=lambda t: t[1])
+                results.append((penalty, r2_within(score, reward), plug_in, c * args.beta, best))
+            mean = np.mean(results, axis=0)
+            spread = np.std([r[1:] for r in results], axis=0)
+            lines.append(f"| {name} | {n} | {np.median([r[0] for r in results]):g} | {mean[1]:.2f} ± {spread[0]:.2f} | "
+                         f"{mean[2]:.2f} ± {spread[1]:.2f} | {mean[3]:.2f} | {mean[4]:.2f} ± {spread[3]:.2f} |")
+            print(lines[-1], flush=True)
     total = lexicon_sum([t for per in ref["texts"] for t in per]).reshape(reward.shape)
     for name, score in (("VADER's lexicon, summed over words (no fit)", total),
                         ("the same sum through VADER's norm x / sqrt(x^2 + 15)", total / np.sqrt(total**2 + 15))):
         c, best, _ = max(gains_along(reward, score, grid, args.beta), key=lambda t: t[1])
-        lines.append(f"| {name} | - | {r2_within(score, reward):.2f} | - | {c * args.beta:.2f} | {best:.2f} |")
+        lines.append(f"| {name} | - | - | {r2_within(score, reward):.2f} | - | {c * args.beta:.2f} | {best:.2f} |")
     print(f"\nbeta {args.beta}; mean ± sd over {args.repeats} draws of the replies; "
           f"{(time.time() - started) / 60:.1f} min.\n\n" + "\n".join(lines))
     return 0
