@@ -43,7 +43,7 @@ from klalign.data.datasets import load_prompt_dataset
 from klalign.evaluation.optimum import logsumexp
 from klalign.trainers.features import SentenceEmbeddingFeatures
 
-PENALTIES = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
+PENALTIES = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
 
 
 def pool(stores: list[str], test: set) -> pd.DataFrame:
@@ -105,6 +105,21 @@ def game_ratio(reward: np.ndarray, score: np.ndarray, beta: float, temperature: 
     cs = [0.0] + list(np.geomspace(0.01, 100, 81) / np.abs(within(score)).mean())
     c, best = min(((c, value(c)) for c in cs), key=lambda t: t[1])
     return best / value(0.0), c
+
+
+def comparisons(groups: np.ndarray, rows: np.ndarray, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """n pairs (a, b) of distinct rows with the same prompt, a uniform over rows. (n,) each"""
+    by_prompt: dict = {}
+    for r in rows:
+        by_prompt.setdefault(groups[r], []).append(r)
+    a = rows[rng.integers(0, len(rows), n)]
+    b = np.empty_like(a)
+    for k, i in enumerate(a):
+        mine = by_prompt[groups[i]]
+        while (j := mine[rng.integers(0, len(mine))]) == i:
+            pass
+        b[k] = j
+    return a, b
 
 
 def r2_within(score: np.ndarray, reward: np.ndarray) -> float:
@@ -174,12 +189,19 @@ def curve(name: str, frame: pd.DataFrame, valid: np.ndarray, rest: np.ndarray, t
         return float(np.corrcoef(centre(x[valid] @ w), centre(y[valid]))[0, 1] ** 2)
 
     grid, lines = list(np.geomspace(1 / 8, 8, 49) / args.beta), []
-    for n in [s for s in args.sizes if s <= len(rest)]:
+    for n in [s for s in args.sizes if s <= len(rest) or args.labels == "comparisons"]:
         results = []
         for repeat in range(args.repeats):
-            part = rest[rng.permutation(len(rest))[:n]]
-            penalty, w = max(((p, fit(x[part], y[part], groups[part], p)) for p in PENALTIES),
-                             key=lambda t: valid_r2(t[1]))
+            if args.labels == "rewards":
+                part = rest[rng.permutation(len(rest))[:n]]
+                penalty, w = max(((p, fit(x[part], y[part], groups[part], p)) for p in PENALTIES),
+                                 key=lambda t: valid_r2(t[1]))
+            else:  # n Bradley-Terry comparisons of two replies to one prompt, the label drawn
+                a, b = comparisons(groups, rest, n, rng)
+                wins = rng.random(n) < 1 / (1 + np.exp(-(y[a] - y[b]) / args.bt_temperature))
+                diff, target = x[a] - x[b], wins - 0.5
+                penalty, w = max(((p, lsqr(diff, target, damp=np.sqrt(p), atol=1e-8, btol=1e-8, iter_lim=2000)[0])
+                                  for p in PENALTIES), key=lambda t: valid_r2(t[1]))
             score = (test_x @ w).reshape(test.rewards.shape)
             (_, plug_in, _), = gains_along(test.rewards, score, [1 / args.beta], args.beta)
             c, best, _ = max(gains_along(test.rewards, score, grid, args.beta), key=lambda t: t[1])
@@ -204,6 +226,9 @@ def main() -> int:
     parser.add_argument("--beta", type=float, default=0.25)
     parser.add_argument("--features", nargs="+", choices=["tokens", "minilm"], default=["tokens", "minilm"],
                         help="A reply's bag of tokens, or the optimistic trainer's all-MiniLM-L6-v2 features of (prompt, reply).")
+    parser.add_argument("--labels", choices=["rewards", "comparisons"], default="rewards",
+                        help="Fit on N scored replies (issue 19's oracle), or on N Bradley-Terry comparisons over VADER "
+                        "with drawn labels (the Nash trainers' oracle; a linear probability model on feature differences).")
     parser.add_argument("--game", nargs=2, metavar=("REFERENCE_JSON", "PROMPTS"), default=None,
                         help="Also the game: pi_ref's samples cached by bench/nash_exploitability.py and their prompts.")
     parser.add_argument("--game-beta", type=float, default=0.1, help="The game's beta (bench/nash_exploitability.py's).")
@@ -221,7 +246,7 @@ def main() -> int:
     print(f"{len(frame)} distinct scored replies of {len(args.stores)} stores on {frame.prompt.nunique()} prompts "
           f"(1000 for the penalty, {len(rest)} to draw from); test: pi_ref's {test.rewards.size} cached samples.", flush=True)
     grid = list(np.geomspace(1 / 8, 8, 49) / args.beta)
-    lines = ["| features | replies fitted on | penalty | within-prompt R^2 on pi_ref's samples | G of the plug-in tilt "
+    lines = ["| features | " + ("replies" if args.labels == "rewards" else "comparisons") + " fitted on | penalty | within-prompt R^2 on pi_ref's samples | G of the plug-in tilt "
              "(c = 1 / beta) | best c x beta | G at best c |" + (" least exploitability / pi_ref's (game) |" if game else ""),
              "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if game else "")]
     vocab = 1 + max(max(max(i) for i in frame.ids), *(max(max(i) for i in s.ids) for s in (test, game) if s))
