@@ -20,7 +20,7 @@ so far). One `klalign evaluate` samples every --eval-every'th checkpoint of each
 (96 samples per prompt: SE(G) <= ~0.1 on the 10 held-out prompts; --eval-samples N for fewer on the grid, SE(G) growing as
 1/sqrt(N)) and the reference once (cached in --out by N, so a re-run only samples new checkpoints). A run whose
 run.json exists is not trained again: the benchmark is resumable. Writes
-docs/captured_gain.{md,png} (--docs): G and KL(pi || pi*) per checkpoint, and G against queries per method
+docs/captured_gain_heldout.{md,png} (--docs; the grid and its analysis are in docs/captured_gain.md): G and KL(pi || pi*) per checkpoint, and G against queries per method
 with the seed spread shaded; best-of-N on pi_ref is a row (its J from its reward and KL estimate).
 A benchmark, never a test.
 """
@@ -196,7 +196,7 @@ def plot(report: dict, rows: list[dict], n_prompts: int, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("oracle queries (reward calls)")
     ax.set_ylabel("captured gain G = (J(pi) - J(pi_ref)) / (J* - J(pi_ref))")
-    ax.set_title(f"SmolLM2-135M + LoRA, VADER, beta {BETA}: held-out G against queries (min-max over seeds shaded)")
+    ax.set_title(f"SmolLM2-135M + LoRA, VADER, beta {BETA}: G against queries (min-max over seeds shaded)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -213,7 +213,7 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Overrides of every chosen method.")
     parser.add_argument("--out", default="runs/captured_gain")
     parser.add_argument("--docs", default=None, help="Where the table (.md) and plot (.png) go (default: "
-                        "docs/captured_gain for held-out, out/grid for train).")
+                        "docs/captured_gain_heldout for held-out, out/grid for train).")
     parser.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="Samples a prompt in the evaluation "
                         "(SE(G) grows as 1/sqrt(N); fewer keep a grid on the training prompts affordable on a CPU).")
     parser.add_argument("--eval-every", type=int, default=1, help="Evaluate every K-th checkpoint of a run, "
@@ -246,7 +246,7 @@ def main() -> int:
             f"{os.cpu_count()} cores (load at the end {os.getloadavg()[0]:.1f}).\n\n"
             + tables(report, rows, n_prompts, args.eval_samples))
     print(text)
-    docs = Path(args.docs) if args.docs else (ROOT / "docs/captured_gain" if args.prompts == "heldout"
+    docs = Path(args.docs) if args.docs else (ROOT / "docs/captured_gain_heldout" if args.prompts == "heldout"
                                               else out / "grid")
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.with_suffix(".md").write_text(text + "\n")
