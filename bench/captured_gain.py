@@ -17,11 +17,11 @@ Each method trains through its recipe on its shipped config (configs/smollm2/*.y
 on the training prompts by the protocol in docs/captured_gain.md) with every checkpoint kept; each checkpoint is
 charged the oracle queries spent up to it (offline: the whole dataset, sampled before training; online: the rounds
 so far). One `klalign evaluate` samples every --eval-every'th checkpoint of each run counted back from the last
-(96 samples per prompt: SE(G) <= ~0.1 on the 10 held-out prompts; --eval-samples N for fewer on the grid, SE(G) growing as
-1/sqrt(N)) and the reference once (cached in --out by N, so a re-run only samples new checkpoints). A run whose
-run.json exists is not trained again: the benchmark is resumable. Writes
-docs/captured_gain_heldout.{md,png} (--docs; the grid and its analysis are in docs/captured_gain.md): G and KL(pi || pi*) per checkpoint, and G against queries per method
-with the seed spread shaded; best-of-N on pi_ref is a row (its J from its reward and KL estimate).
+(96 samples per prompt: SE(G) ~0.07 on the 10 held-out prompts; --eval-samples N for fewer on the grid, SE(G)
+growing as 1/sqrt(N)) and the reference once (cached in --out by N, so a re-run only samples new checkpoints). A
+run whose run.json exists is not trained again: the benchmark is resumable. Writes docs/captured_gain_heldout.{md,png}
+(--docs; the grid and its analysis are in docs/captured_gain.md): G and KL(pi || pi*) per checkpoint, and G against
+queries per method with the seed spread shaded; best-of-N on pi_ref is a row (its J from its reward and KL estimate).
 A benchmark, never a test.
 """
 
@@ -44,7 +44,7 @@ from head_to_head import SMOLLM2, recipe_env, split_prompts, write_config  # noq
 ROOT = Path(__file__).resolve().parents[1]
 BETA = 0.25
 TOKENS = 32
-EVAL_SAMPLES = 96  # held-out SE(G) 0.10-0.12 at 64 a prompt (docs/captured_gain.md), ~0.08-0.1 at 96
+EVAL_SAMPLES = 96  # held-out SE(G) 0.10-0.12 at 64 a prompt, 0.07 at 96 (docs/captured_gain.md)
 
 
 def methods(budget: int, train: Path, n_train: int) -> dict[str, tuple[str, str, dict]]:
