@@ -40,6 +40,7 @@ from scipy.sparse.linalg import LinearOperator, lsqr
 from tilt_residuals import gains_along, within
 
 from klalign.data.datasets import load_prompt_dataset
+from klalign.evaluation.exploitability import exploitability_values
 from klalign.evaluation.optimum import logsumexp
 from klalign.trainers.features import SentenceEmbeddingFeatures
 
@@ -99,8 +100,9 @@ def game_ratio(reward: np.ndarray, score: np.ndarray, beta: float, temperature: 
     def value(c: float) -> float:
         logw = c * score - logsumexp(c * score, axis=1)[:, None]  # (P, n) log weights
         against = (wins * np.exp(logw)[:, None, :]).sum(-1)  # (P, n) P(y_i > pi_c)
-        kl = (np.exp(logw) * (logw + np.log(n))).sum(-1)
-        return float((beta * (logsumexp(against / beta, axis=1) - np.log(n)) + beta * kl - 0.5).mean())
+        kl = (np.exp(logw) * (logw + np.log(n))).sum(-1)  # (P,) KL(pi_c || empirical pi_ref)
+        # the estimator's own formula, with pi_c as one exact "sample" column: its P(y_i > pi) and its KL
+        return float(exploitability_values(against[..., None], kl[:, None], beta).mean())
 
     cs = [0.0] + list(np.geomspace(0.01, 100, 81) / np.abs(within(score)).mean())
     c, best = min(((c, value(c)) for c in cs), key=lambda t: t[1])
