@@ -12,10 +12,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from klalign.generation.vllm_engine import hf_weights
-from klalign.models.placement import gathered
+from klalign.models.placement import gathered, run_launched
 from klalign.models.tiny import build_causal_lm, build_tokenizer
 
-if __name__ == "__main__":
+
+def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank = int(os.environ["RANK"])
     model = get_peft_model(build_causal_lm(build_tokenizer()), LoraConfig(
@@ -42,3 +43,7 @@ if __name__ == "__main__":
         changed = [name for name, p in params if not torch.equal(p.data, before[name])]
     assert not changed, changed
     print(f"rank {rank}: {len(pushed)} pushed tensors equal the whole model's; training weights unchanged", flush=True)
+
+
+if __name__ == "__main__":  # the group closed before interpreter shutdown, as in the recipes
+    run_launched(main)

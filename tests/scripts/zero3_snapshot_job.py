@@ -123,4 +123,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from klalign.models.placement import run_launched
+
+    # As in the recipes: the gloo group is closed before interpreter shutdown, whose arbitrary order of
+    # destruction aborted rank 1 once ("terminate called without an active exception") after both ranks wrote.
+    run_launched(main)
